@@ -1,0 +1,1 @@
+"""kdjax.evolution."""
