@@ -1,0 +1,103 @@
+"""Building blocks of the pipeline configs in ``configs/`` (shared so presets never drift).
+
+Every config is an ``ml_collections.ConfigDict`` locked after construction, so a
+``--config.key=value`` override of a key that does not exist fails at start-up.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from kdjax.data import default_data_config
+
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+
+def optim(epochs=240, batch_size=64, lr=0.05, milestones=(150, 180, 210), decay=0.1,
+          momentum=0.9, weight_decay=5e-4, schedule="multistep", warmup_epochs=0.0):
+    """SGD recipe, epochs-based; defaults = the CIFAR-100 KD recipe of PAPERS.md."""
+    return ml_collections.ConfigDict(dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, milestones=tuple(milestones),
+        decay=decay, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+        warmup_epochs=warmup_epochs,
+    ))
+
+
+def cifar_data(name="cifar100"):
+    """TFDS CIFAR-10/100 with crop+flip augmentation and the usual normalisation."""
+    data = default_data_config()
+    data.name = name
+    data.source = "tfds"
+    data.augment = "crop_flip"
+    data.mean, data.std = (CIFAR100_MEAN, CIFAR100_STD) if name == "cifar100" else (
+        CIFAR10_MEAN, CIFAR10_STD)
+    return data
+
+
+def fashion_mnist_data(train_size=0):
+    """The embedded Fashion-MNIST (Debian package), no augmentation."""
+    data = default_data_config()
+    data.name = "fashion_mnist"
+    data.source = "idx"
+    data.augment = "none"
+    data.mean, data.std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    data.train_size = train_size
+    return data
+
+
+def train_settings():
+    """Loop settings shared by all pipelines."""
+    return ml_collections.ConfigDict(dict(
+        num_devices=0,          # 0 = all local devices (on CPU: one per core, see BUILD_NOTES)
+        distributed=False,      # True: jax.distributed.initialize() for multi-host runs
+        log_every_steps=50,
+        eval_every_steps=0,     # 0 = once per epoch
+        eval_batch_size=500,
+        max_steps=0,            # >0 caps every stage (smoke tests)
+    ))
+
+
+def teacher(name, checkpoint="", optim_cfg=None):
+    """Teacher section: a checkpoint to load, or a model trained first under workdir/teacher."""
+    return ml_collections.ConfigDict(dict(
+        name=name, checkpoint=checkpoint, optim=optim_cfg or optim()))
+
+
+def base(pipeline: str) -> ml_collections.ConfigDict:
+    """Skeleton every pipeline config starts from."""
+    config = ml_collections.ConfigDict()
+    config.pipeline = pipeline
+    config.seed = 0
+    config.data = default_data_config()
+    config.train = train_settings()
+    return config
+
+
+def synthetic(config: ml_collections.ConfigDict, steps: int = 2) -> ml_collections.ConfigDict:
+    """Turn any config into a seconds-long smoke run on synthetic data (used by tests)."""
+    config.data.name = "synthetic"
+    config.data.source = "synthetic"
+    config.data.augment = "none"
+    config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    config.data.validation_size = 64
+    config.train.max_steps = steps
+    config.train.eval_batch_size = 64
+    config.train.log_every_steps = 1
+    return config
+
+
+# The demo pair and budget on the embedded Fashion-MNIST, sized for a 2-core CPU
+# (measured figures in BUILD_NOTES.md).
+DEMO_TEACHER = "resnet20"
+DEMO_STUDENT = "resnet8"
+
+
+def demo_optim():
+    """Short cosine schedule for the Fashion-MNIST demos."""
+    return optim(epochs=2, batch_size=128, lr=0.1, milestones=(), schedule="cosine",
+                 weight_decay=5e-4)

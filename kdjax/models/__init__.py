@@ -1,0 +1,55 @@
+"""Model zoo: CIFAR ResNets, Wide ResNets and VGGs as Flax Linen modules.
+
+Every model maps NHWC images [B, H, W, Cin] (any size and channel count) to
+`(logits [B, num_classes], features)`, where `features` is a dict of named
+taps in forward order (`model.taps()`):
+
+    variables = model.init(rng, x)                       # {'params', 'batch_stats'}
+    logits, feats = model.apply(variables, x, masks=masks)
+    (logits, feats), updates = model.apply(variables, x, train=True,
+                                           mutable=['batch_stats'])
+    _, feats = model.apply(variables, h, start="stage1", stop="stage2")
+
+`masks` is None (unmasked) or a dict holding every mask group of
+`model.mask_groups()` as a float vector [C] that multiplies those channels.
+A population of masks with a leading axis works under `jax.vmap`.
+`get_model(name, num_classes, widths)` overrides group widths to build a
+physically pruned model whose parameter names match the full one.
+"""
+
+from collections.abc import Mapping
+
+import flax.linen as nn
+
+from kdjax.models import common, resnet, vgg, wrn
+
+_REGISTRY = {
+    **{name: (resnet.CifarResNet, cfg) for name, cfg in resnet.CONFIGS.items()},
+    **{name: (wrn.WideResNet, cfg) for name, cfg in wrn.CONFIGS.items()},
+    **{name: (vgg.VGG, cfg) for name, cfg in vgg.CONFIGS.items()},
+}
+
+MODEL_NAMES = tuple(sorted(_REGISTRY))
+
+
+def get_model(name: str, num_classes: int,
+              widths: Mapping[str, int] | None = None) -> nn.Module:
+    """Build zoo model `name` with a `num_classes` head.
+
+    `widths` maps mask-group names to channel counts overriding the defaults.
+    Raises ValueError for an unknown model name or mask group.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    cls, cfg = _REGISTRY[name]
+    model = cls(num_classes=num_classes, widths=common.widths_tuple(widths), **cfg)
+    model.mask_groups()  # validates the width overrides eagerly
+    return model
+
+
+def mask_groups(model: nn.Module) -> dict[str, int]:
+    """Mask group name -> channel count of a (bound or unbound) zoo model, in forward order."""
+    return model.mask_groups()
+
+
+__all__ = ["MODEL_NAMES", "get_model", "mask_groups"]

@@ -1,0 +1,275 @@
+"""fit(): the training loop every pipeline stage runs.
+
+Compiles the train and eval steps once on the data mesh, resumes from the stage's
+latest checkpoint, logs metrics and a progress line, evaluates on the validation
+and test splits at epoch boundaries, keeps the last and the best-on-validation
+checkpoints, stops on NaN/Inf, and on SIGTERM saves and raises ``Preempted``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from kdjax.train import checkpoint as ckpt_lib
+from kdjax.train import metrics as metrics_lib
+from kdjax.train import sharding
+
+
+class Preempted(Exception):
+    """Raised after SIGTERM once a checkpoint is safely written; re-run to resume."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Static description of one training stage.
+
+    name: e.g. 'teacher', 'student', 'kd'; dir: ``workdir/<name>``.
+    total_steps = epochs · steps_per_epoch (or a debugging cap).
+    """
+
+    name: str
+    dir: pathlib.Path
+    total_steps: int
+    steps_per_epoch: int
+    global_batch_size: int
+    eval_batch_size: int
+    log_every_steps: int = 50
+    eval_every_steps: int = 0  # 0 = once per epoch
+
+
+@dataclasses.dataclass
+class EvalData:
+    """Held-out splits a stage reports on. ``validation`` may be None (then nothing is
+    selected on validation and the last checkpoint counts as the best)."""
+
+    validation: Any
+    test: Any
+    data_cfg: Any
+
+
+class _SigtermFlag:
+    """Context manager that turns SIGTERM into a flag checked between steps."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def evaluate(eval_step: Callable, variables, source, data_cfg, batch_size: int, mesh) -> dict:
+    """Top-1, top-5 (percent) and mean cross-entropy of ``variables`` on a whole split."""
+    from kdjax.data import pipeline  # data layer imported lazily: keeps the core light
+
+    totals = None
+    for batch in pipeline.eval_batches(
+        source,
+        data_cfg,
+        global_batch_size=batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
+        sums = eval_step(variables, sharding.to_global(batch, mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {
+        "top1": 100.0 * float(totals["top1"]) / count,
+        "top5": 100.0 * float(totals["top5"]) / count,
+        "loss": float(totals["loss"]) / count,
+    }
+
+
+def compile_train_step(train_step: Callable, mesh) -> Callable:
+    """jit ``train_step(state, batch, teacher_variables)`` with the state donated and
+    replicated, the batch sharded on the data axis."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        train_step,
+        donate_argnums=(0,),
+        in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
+        out_shardings=(replicated, replicated),
+    )
+
+
+def compile_eval_step(eval_step: Callable, mesh) -> Callable:
+    """jit ``eval_step(variables, batch)`` with variables replicated, batch sharded."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(eval_step, in_shardings=(replicated, sharding.batch_sharded(mesh)),
+                   out_shardings=replicated)
+
+
+def _first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, float] | None:
+    for step, values in history:
+        loss = float(values["loss"])
+        if not np.isfinite(loss):
+            return step, loss
+    return None
+
+
+def _mean_scalars(history: list[tuple[int, dict]]) -> dict:
+    keys = history[-1][1].keys()
+    return {k: float(np.mean([np.asarray(v[k]) for _, v in history])) for k in keys}
+
+
+def fit(
+    stage: Stage,
+    *,
+    mesh,
+    state,
+    train_step: Callable,
+    eval_step: Callable,
+    train_iter: Iterator,
+    eval_data: EvalData,
+    spec: dict,
+    config_dict: dict,
+    teacher_variables=None,
+    on_log: Callable[[int, list[tuple[int, dict]]], None] | None = None,
+) -> tuple[Any, dict]:
+    """Train ``state`` for the stage, resuming if a checkpoint exists.
+
+    train_step(state, batch, teacher_variables) -> (state, metrics) is compiled here
+    with the state replicated and the batch sharded; metrics are per-step scalars.
+    on_log(step, history) receives every logged step's host metrics (for plots).
+    Returns (final state, results dict); results are also written to results.json.
+    """
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    ckpt_lib.save_json(stage.dir / "config.json", config_dict)
+    checkpointer = ckpt_lib.StageCheckpointer(stage.dir, spec, config_dict)
+    progress = {"epoch": 0, "best_val_top1": -1.0, "test_top1_at_best_val": None,
+                "best_test_top1": -1.0}
+    state = sharding.replicate(state, mesh)
+    if checkpointer.latest_step() is not None:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )
+        state, data_state, progress = checkpointer.restore(abstract)
+        train_iter.set_state(data_state)
+        logging.info("[%s] resumed from step %d", stage.name, int(state.step))
+
+    compiled_step = compile_train_step(train_step, mesh)
+    compiled_eval = compile_eval_step(eval_step, mesh)
+    if teacher_variables is not None:
+        teacher_variables = sharding.replicate(teacher_variables, mesh)
+    writer = metrics_lib.MetricWriter(stage.dir)
+    eval_every = stage.eval_every_steps or stage.steps_per_epoch
+    step = int(jax.device_get(state.step))
+    pending: list[tuple[int, dict]] = []
+    last_log_time, last_log_step = time.time(), step
+    try:
+        with _SigtermFlag() as sigterm:
+            while step < stage.total_steps:
+                batch = sharding.to_global(next(train_iter), mesh)
+                state, step_metrics = compiled_step(state, batch, teacher_variables)
+                step += 1
+                pending.append((step, step_metrics))
+                boundary = step % eval_every == 0 or step == stage.total_steps
+                if step % stage.log_every_steps == 0 or boundary or sigterm.raised:
+                    host = [(s, jax.device_get(m)) for s, m in pending]
+                    pending.clear()
+                    bad = _first_non_finite(host)
+                    if bad is not None:
+                        raise FloatingPointError(
+                            f"[{stage.name}] loss became {bad[1]} at step {bad[0]}; the run "
+                            f"is stopped and no checkpoint of this state is written. Lower "
+                            f"the learning rate or check the data; the last good checkpoint "
+                            f"is in {stage.dir / ckpt_lib.LAST_DIR}."
+                        )
+                    scalars = _mean_scalars(host)
+                    writer.write(step, "train", scalars)
+                    if on_log is not None:
+                        on_log(step, host)
+                    now = time.time()
+                    rate = (step - last_log_step) * stage.global_batch_size / max(now - last_log_time, 1e-9)
+                    eta = (stage.total_steps - step) * stage.global_batch_size / max(rate, 1e-9)
+                    logging.info(metrics_lib.progress_line(
+                        stage.name, step, stage.total_steps, step / stage.steps_per_epoch,
+                        scalars, rate, eta))
+                    last_log_time, last_log_step = now, step
+                if boundary:
+                    progress = _evaluate_and_save(
+                        stage, state, step, compiled_eval, eval_data, mesh, writer,
+                        checkpointer, train_iter, progress)
+                    last_log_time = time.time()
+                if sigterm.raised:
+                    if not boundary:
+                        checkpointer.save(state, train_iter.get_state(), progress, is_best=False)
+                    raise Preempted(
+                        f"[{stage.name}] SIGTERM received: checkpoint saved at step {step} in "
+                        f"{stage.dir / ckpt_lib.LAST_DIR}; run the same command to resume."
+                    )
+    finally:
+        writer.close()
+        checkpointer.close()
+
+    results = _final_results(stage, state, compiled_eval, eval_data, mesh, progress)
+    ckpt_lib.save_json(stage.dir / "results.json", results)
+    return state, results
+
+
+def _evaluate_and_save(stage, state, step, compiled_eval, eval_data, mesh, writer,
+                       checkpointer, train_iter, progress) -> dict:
+    """Evaluate at an epoch boundary, log, and write the last (and maybe best) checkpoint."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    test = evaluate(compiled_eval, variables, eval_data.test, eval_data.data_cfg,
+                    stage.eval_batch_size, mesh)
+    writer.write(step, "test", test)
+    progress = dict(progress)
+    progress["epoch"] = step / stage.steps_per_epoch
+    progress["best_test_top1"] = max(progress["best_test_top1"], test["top1"])
+    if eval_data.validation is not None:
+        val = evaluate(compiled_eval, variables, eval_data.validation, eval_data.data_cfg,
+                       stage.eval_batch_size, mesh)
+        writer.write(step, "validation", val)
+        is_best = val["top1"] > progress["best_val_top1"]
+        shown = f"val top1 {val['top1']:.2f} "
+    else:
+        val, is_best, shown = {"top1": test["top1"]}, True, ""
+    if is_best:
+        progress["best_val_top1"] = val["top1"]
+        progress["test_top1_at_best_val"] = test["top1"]
+    logging.info("[%s] epoch %.2f %stest top1 %.2f top5 %.2f loss %.4f", stage.name,
+                 progress["epoch"], shown, test["top1"], test["top5"], test["loss"])
+    checkpointer.save(state, train_iter.get_state(), progress, is_best=is_best)
+    return progress
+
+
+def _final_results(stage, state, compiled_eval, eval_data, mesh, progress) -> dict:
+    """Results of a finished stage: last-epoch and best-epoch test accuracy, both logged
+    because published tables use either (see PAPERS.md)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    test = evaluate(compiled_eval, variables, eval_data.test, eval_data.data_cfg,
+                    stage.eval_batch_size, mesh)
+    return {
+        "stage": stage.name,
+        "steps": int(jax.device_get(state.step)),
+        "epochs": int(jax.device_get(state.step)) / stage.steps_per_epoch,
+        "test_top1_last": test["top1"],
+        "test_top5_last": test["top5"],
+        "test_loss_last": test["loss"],
+        "test_top1_best_epoch": progress["best_test_top1"],
+        "val_top1_best": progress["best_val_top1"],
+        "test_top1_at_best_val": progress["test_top1_at_best_val"],
+    }

@@ -1,0 +1,74 @@
+"""Metric writers: JSONL always, TensorBoard when TensorFlow + tensorboard are installed.
+
+``clu.metric_writers`` imports TensorFlow, so it is only touched when available.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pathlib
+import time
+
+
+def tensorboard_available() -> bool:
+    """True when clu's summary writer can be used (TensorFlow and tensorboard installed)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "tensorboard"))
+
+
+class MetricWriter:
+    """Appends ``{"step": s, "split": ..., **scalars}`` lines to ``metrics.jsonl``.
+
+    Also mirrors the scalars to TensorBoard under ``stage_dir/tb`` when available.
+    Lines are flushed as written, so a killed run keeps everything logged so far.
+    """
+
+    def __init__(self, stage_dir: pathlib.Path):
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self.path = stage_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard_available():
+            from clu import metric_writers
+
+            self._tb = metric_writers.create_default_writer(str(stage_dir / "tb"), asynchronous=False)
+
+    def write(self, step: int, split: str, scalars: dict) -> None:
+        record = {"step": int(step), "split": split, "time": round(time.time(), 3)}
+        record.update({k: float(v) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.write_scalars(step, {f"{split}/{k}": float(v) for k, v in scalars.items()})
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+    """All records of a metrics.jsonl file, in order."""
+    with pathlib.Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``'1h02m'``; ``75`` -> ``'1m15s'``."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(stage: str, step: int, total: int, epoch: float, scalars: dict,
+                  images_per_sec: float, eta_seconds: float) -> str:
+    """One human-readable progress line for the log."""
+    shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+    return (
+        f"[{stage}] step {step}/{total} epoch {epoch:.2f} {shown} "
+        f"{images_per_sec:.0f} img/s ETA {format_duration(eta_seconds)}"
+    )
