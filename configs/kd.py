@@ -37,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.optim())
     elif arg == "demo":
         teacher, student = config_lib.DEMO_TEACHER, config_lib.DEMO_STUDENT
-        config.data = config_lib.fashion_mnist_data()
+        config.data = config_lib.demo_data()
         config.optim = config_lib.demo_optim()
         config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.demo_optim())
     else:

@@ -22,7 +22,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.data = config_lib.cifar_data("cifar100")
         config.optim = config_lib.optim()
     elif arg == "demo":
-        config.data = config_lib.fashion_mnist_data()
+        config.data = config_lib.demo_data()
         config.model.name = "resnet20"
         config.optim = config_lib.demo_optim()
     else:

@@ -32,7 +32,7 @@ def parse_args(argv):
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--devices", type=int, default=0,
                         help="spread the batch over N devices (on CPU: N simulated devices); "
-                             "0 = kdjax's default")
+                             "0 = kdjax's default (on CPU one device per core, see kdjax.platform)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     return parser.parse_args(argv)
@@ -114,6 +114,10 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.devices:
         set_simulated_devices(args.devices)
+    else:
+        from kdjax import platform
+
+        platform.configure_cpu_devices()
     import jax
 
     from kdjax.train import sharding

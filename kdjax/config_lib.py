@@ -39,9 +39,10 @@ def cifar_data(name="cifar100"):
     return data
 
 
-def fashion_mnist_data(train_size=0):
+def fashion_mnist_data(train_size=0, validation_size=5000):
     """The embedded Fashion-MNIST (Debian package), no augmentation."""
     data = default_data_config()
+    data.validation_size = validation_size
     data.name = "fashion_mnist"
     data.source = "idx"
     data.augment = "none"
@@ -97,7 +98,12 @@ DEMO_TEACHER = "resnet20"
 DEMO_STUDENT = "resnet8"
 
 
+def demo_data():
+    """Fashion-MNIST with a 15k training subset and a 2k validation split (the demos)."""
+    return fashion_mnist_data(train_size=15000, validation_size=2000)
+
+
 def demo_optim():
     """Short cosine schedule for the Fashion-MNIST demos."""
-    return optim(epochs=2, batch_size=128, lr=0.1, milestones=(), schedule="cosine",
+    return optim(epochs=3, batch_size=128, lr=0.1, milestones=(), schedule="cosine",
                  weight_decay=5e-4)

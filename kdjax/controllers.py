@@ -228,7 +228,7 @@ def entropy_controller(
                     )
             proposed = log_c + feedback_rate * (hs - ht).astype(log_c.dtype)
         proposed = jnp.clip(proposed, jnp.log(jnp.asarray(lo, log_c.dtype)),
-                            jnp.log(jnp.asarray(hi * 2, log_c.dtype)))
+                            jnp.log(jnp.asarray(hi, log_c.dtype)))
         active = (state.count >= warmup_steps) & jnp.all(jnp.isfinite(proposed))
         new_log_c = jnp.where(active, proposed, log_c).astype(log_c.dtype)
         new_count = optax.safe_increment(state.count)

@@ -12,14 +12,18 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from kdjax import platform
 
-from kdjax import models
-from kdjax.data import MissingDatasetError
-from kdjax.pipelines import kd, supervised
-from kdjax.train.checkpoint import CheckpointError
-from kdjax.train.loop import Preempted
+platform.configure_cpu_devices()  # before anything imports JAX
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from kdjax import models  # noqa: E402
+from kdjax.data import MissingDatasetError  # noqa: E402
+from kdjax.pipelines import kd, supervised  # noqa: E402
+from kdjax.train.checkpoint import CheckpointError  # noqa: E402
+from kdjax.train.loop import Preempted  # noqa: E402
 
 PIPELINES = {
     "supervised": supervised.run,
@@ -51,13 +55,26 @@ def validate(config) -> None:
             raise ValueError(f"{key}={name!r} is not a kdjax model; valid: {', '.join(models.MODEL_NAMES)}")
 
 
+def configure_logging() -> None:
+    """kdjax's own progress lines at INFO on stderr; other libraries (orbax, absl) only warn."""
+    import logging as std_logging
+
+    logging.set_verbosity(logging.WARNING)
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    kdjax_log = std_logging.getLogger("kdjax")
+    kdjax_log.handlers[:] = [handler]
+    kdjax_log.setLevel(std_logging.INFO)
+    kdjax_log.propagate = False
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     if config is None or _WORKDIR.value is None:
         raise app.UsageError("both --config=configs/<name>.py[:preset] and --workdir=DIR are required")
-    logging.set_verbosity(logging.INFO)
+    configure_logging()
     try:
         validate(config)
         results = PIPELINES[config.pipeline](config, _WORKDIR.value)

@@ -10,13 +10,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
+import logging
 
 from kdjax import losses, models
 from kdjax.data import load_splits, pipeline as data_pipeline
 from kdjax.train import checkpoint as ckpt_lib
 from kdjax.train import loop, optim, sharding
 from kdjax.train.state import TrainState, make_eval_step, make_train_step
+
+log = logging.getLogger("kdjax")
 
 
 @dataclasses.dataclass
@@ -43,7 +45,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Context:
     sharding.initialize_distributed(config.train.distributed)
     mesh = sharding.make_mesh(config.train.num_devices)
     splits = load_splits(config.data, seed=config.seed)
-    logging.info("data %s: train %d, validation %d, test %d, %d classes, input %s; mesh %s",
+    log.info("data %s: train %d, validation %d, test %d, %d classes, input %s; mesh %s",
                  splits.info.name, len(splits.train),
                  0 if splits.validation is None else len(splits.validation),
                  len(splits.test), splits.info.num_classes, splits.info.image_shape,
@@ -134,7 +136,7 @@ def obtain_teacher(ctx: Context) -> tuple[Any, dict, dict]:
         expected = {"num_classes": ctx.num_classes, "input_shape": list(ctx.input_shape)}
         ckpt_lib.check_compatible(spec, expected, teacher_cfg.checkpoint)
         model = models.get_model(spec["name"], spec["num_classes"], spec["widths"] or None)
-        logging.info("teacher %s loaded from %s", spec["name"], teacher_cfg.checkpoint)
+        log.info("teacher %s loaded from %s", spec["name"], teacher_cfg.checkpoint)
         return model, variables, {"model": spec["name"], "checkpoint": teacher_cfg.checkpoint}
     variables, results = run_stage(ctx, "teacher", teacher_cfg.name, teacher_cfg.optim,
                                    supervised_objective)

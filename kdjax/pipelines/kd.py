@@ -8,11 +8,13 @@ Stages (each resumable, each under ``workdir/<stage>/``):
 
 from __future__ import annotations
 
-from absl import logging
+import logging
 
 from kdjax import models
 from kdjax.pipelines import common
 from kdjax.train import checkpoint as ckpt_lib
+
+log = logging.getLogger("kdjax")
 
 
 def summary_table(results: dict) -> str:
@@ -41,7 +43,7 @@ def run(config, workdir) -> dict:
     _, results["kd"] = common.run_stage(ctx, "kd", config.student.name, config.optim, objective,
                                         teacher=(teacher_model, teacher_vars))
     table = summary_table(results)
-    logging.info("results:\n%s", table)
+    log.info("results:\n%s", table)
     print(table, flush=True)
     ckpt_lib.save_json(ctx.workdir / "summary.json", results)
     return results

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from absl import logging
+import logging
 
 from kdjax.pipelines import common
+
+log = logging.getLogger("kdjax")
 
 
 def run(config, workdir) -> dict:
@@ -12,6 +14,6 @@ def run(config, workdir) -> dict:
     ctx = common.setup(config, workdir)
     _, results = common.run_stage(ctx, config.model.stage, config.model.name, config.optim,
                                   common.supervised_objective)
-    logging.info("[%s] %s test top-1 %.2f (last epoch), %.2f (best epoch)", config.model.stage,
+    log.info("[%s] %s test top-1 %.2f (last epoch), %.2f (best epoch)", config.model.stage,
                  config.model.name, results["test_top1_last"], results["test_top1_best_epoch"])
     return {config.model.stage: results}

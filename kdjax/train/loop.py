@@ -17,11 +17,13 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+import logging
 
 from kdjax.train import checkpoint as ckpt_lib
 from kdjax.train import metrics as metrics_lib
 from kdjax.train import sharding
+
+log = logging.getLogger("kdjax")
 
 
 class Preempted(Exception):
@@ -167,7 +169,7 @@ def fit(
         )
         state, data_state, progress = checkpointer.restore(abstract)
         train_iter.set_state(data_state)
-        logging.info("[%s] resumed from step %d", stage.name, int(state.step))
+        log.info("[%s] resumed from step %d", stage.name, int(state.step))
 
     compiled_step = compile_train_step(train_step, mesh)
     compiled_eval = compile_eval_step(eval_step, mesh)
@@ -204,7 +206,7 @@ def fit(
                     now = time.time()
                     rate = (step - last_log_step) * stage.global_batch_size / max(now - last_log_time, 1e-9)
                     eta = (stage.total_steps - step) * stage.global_batch_size / max(rate, 1e-9)
-                    logging.info(metrics_lib.progress_line(
+                    log.info(metrics_lib.progress_line(
                         stage.name, step, stage.total_steps, step / stage.steps_per_epoch,
                         scalars, rate, eta))
                     last_log_time, last_log_step = now, step
@@ -250,7 +252,7 @@ def _evaluate_and_save(stage, state, step, compiled_eval, eval_data, mesh, write
     if is_best:
         progress["best_val_top1"] = val["top1"]
         progress["test_top1_at_best_val"] = test["top1"]
-    logging.info("[%s] epoch %.2f %stest top1 %.2f top5 %.2f loss %.4f", stage.name,
+    log.info("[%s] epoch %.2f %stest top1 %.2f top5 %.2f loss %.4f", stage.name,
                  progress["epoch"], shown, test["top1"], test["top5"], test["loss"])
     checkpointer.save(state, train_iter.get_state(), progress, is_best=is_best)
     return progress
