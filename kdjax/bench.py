@@ -40,10 +40,11 @@ def parse_args(argv):
 
 def set_simulated_devices(n: int) -> None:
     """Ask XLA for ``n`` host devices; must run before JAX initialises its backend."""
+    from kdjax import platform
+
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    flags.append(f"--xla_force_host_platform_device_count={n}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+             if not f.startswith(platform.DEVICE_COUNT_FLAG)]
+    os.environ["XLA_FLAGS"] = platform.cpu_device_flags(" ".join(flags), n)
 
 
 def median_seconds(fn, warmup: int, repeats: int) -> float:

@@ -14,6 +14,13 @@ import os
 import sys
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# Simulated CPU devices meet at collectives (the gradient all-reduce). On a loaded
+# machine one device's thread can be descheduled for many seconds, and XLA's default
+# 40 s rendezvous limit then aborts the process; we wait much longer instead.
+COLLECTIVE_TIMEOUT_FLAGS = (
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800",
+)
 
 
 def cpu_devices() -> int:
@@ -31,5 +38,12 @@ def configure_cpu_devices() -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if "jax" in sys.modules or DEVICE_COUNT_FLAG in flags:
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={cpu_devices()}".strip()
+    os.environ["XLA_FLAGS"] = cpu_device_flags(flags, cpu_devices())
     return True
+
+
+def cpu_device_flags(flags: str, count: int) -> str:
+    """``flags`` plus ``count`` host devices and the longer collective timeouts."""
+    extra = [f"{DEVICE_COUNT_FLAG}={count}"]
+    extra += [f for f in COLLECTIVE_TIMEOUT_FLAGS if f.split("=")[0] not in flags]
+    return " ".join([flags, *extra]).strip()

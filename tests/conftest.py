@@ -5,7 +5,9 @@ import pathlib
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from kdjax import platform  # noqa: E402  (imports no JAX)
+
+os.environ.setdefault("XLA_FLAGS", platform.cpu_device_flags("", 8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -172,6 +172,8 @@ def test_bad_widths():
 
 
 def test_mask_groups_coupling():
+    unbound = get_model("resnet8x4", 10)
+    assert unbound.mask_groups() == models.mask_groups(unbound)
     assert "stem" not in models.mask_groups(get_model("resnet20", 10))
     assert "stem" not in models.mask_groups(get_model("wrn_16_1", 10))
     assert models.mask_groups(get_model("resnet8x4", 10))["stem"] == 32

@@ -22,7 +22,7 @@ import jax
 from kdjax.models import common
 
 TAPS = ("stage1", "stage2", "stage3", "stage4", "stage5", "embedding")
-POOL_BEFORE = (False, True, True, True, True)
+POOL_BEFORE = (False, True, True, True, False)
 
 CONFIGS = {
     "vgg8": dict(stage_widths=((64,), (128,), (256,), (512,), (512,))),
