@@ -99,11 +99,11 @@ DEMO_STUDENT = "resnet8"
 
 
 def demo_data():
-    """Fashion-MNIST with a 15k training subset and a 2k validation split (the demos)."""
-    return fashion_mnist_data(train_size=15000, validation_size=2000)
+    """Fashion-MNIST with a 20k training subset and a 2k validation split (the demos)."""
+    return fashion_mnist_data(train_size=20000, validation_size=2000)
 
 
 def demo_optim():
     """Short cosine schedule for the Fashion-MNIST demos."""
-    return optim(epochs=3, batch_size=128, lr=0.1, milestones=(), schedule="cosine",
+    return optim(epochs=4, batch_size=128, lr=0.1, milestones=(), schedule="cosine",
                  weight_decay=5e-4)

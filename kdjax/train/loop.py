@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import logging
 
@@ -82,10 +81,14 @@ class _SigtermFlag:
 
 
 def evaluate(eval_step: Callable, variables, source, data_cfg, batch_size: int, mesh) -> dict:
-    """Top-1, top-5 (percent) and mean cross-entropy of ``variables`` on a whole split."""
+    """Top-1, top-5 (percent) and mean cross-entropy of ``variables`` on a whole split.
+
+    Per-example results are summed on the host, batch by batch (fetching each batch
+    also keeps at most one evaluation in flight per device).
+    """
     from kdjax.data import pipeline  # data layer imported lazily: keeps the core light
 
-    totals = None
+    totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
     for batch in pipeline.eval_batches(
         source,
         data_cfg,
@@ -93,15 +96,31 @@ def evaluate(eval_step: Callable, variables, source, data_cfg, batch_size: int, 
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     ):
-        sums = eval_step(variables, sharding.to_global(batch, mesh))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = max(float(totals["count"]), 1.0)
+        results = eval_step(variables, sharding.to_global(batch, mesh))
+        for key, value in results.items():
+            totals[key] += float(np.sum(_local_values(value), dtype=np.float64))
+    totals = _sum_over_processes(totals)
+    count = max(totals["count"], 1.0)
     return {
-        "top1": 100.0 * float(totals["top1"]) / count,
-        "top5": 100.0 * float(totals["top5"]) / count,
-        "loss": float(totals["loss"]) / count,
+        "top1": 100.0 * totals["top1"] / count,
+        "top5": 100.0 * totals["top5"] / count,
+        "loss": totals["loss"] / count,
     }
+
+
+def _local_values(array: jax.Array) -> np.ndarray:
+    """This process's shards of a batch-sharded array, concatenated (no communication)."""
+    return np.concatenate([np.asarray(s.data) for s in array.addressable_shards])
+
+
+def _sum_over_processes(totals: dict) -> dict:
+    """Sum host scalars over all JAX processes (identity on one host)."""
+    if jax.process_count() == 1:
+        return totals
+    from jax.experimental import multihost_utils
+
+    summed = multihost_utils.process_allgather(np.array(list(totals.values())))
+    return dict(zip(totals, np.sum(summed, axis=0).tolist()))
 
 
 def compile_train_step(train_step: Callable, mesh) -> Callable:
@@ -117,10 +136,11 @@ def compile_train_step(train_step: Callable, mesh) -> Callable:
 
 
 def compile_eval_step(eval_step: Callable, mesh) -> Callable:
-    """jit ``eval_step(variables, batch)`` with variables replicated, batch sharded."""
-    replicated = sharding.replicated(mesh)
-    return jax.jit(eval_step, in_shardings=(replicated, sharding.batch_sharded(mesh)),
-                   out_shardings=replicated)
+    """jit ``eval_step(variables, batch)`` with variables replicated, the batch and the
+    per-example results sharded on the data axis (no collective in the program)."""
+    batch_sharding = sharding.batch_sharded(mesh)
+    return jax.jit(eval_step, in_shardings=(sharding.replicated(mesh), batch_sharding),
+                   out_shardings=batch_sharding)
 
 
 def _first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, float] | None:

@@ -50,21 +50,13 @@ class TrainState:
 Objective = Callable[..., tuple[jax.Array, dict, dict]]
 
 
-def accuracy_counts(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:
-    """Weighted counts of top-1 and top-5 hits.
-
-    logits [B,K], labels [B] int, weights [B] (1 = real example, 0 = padding).
-    Returns {'top1': Σ w·[argmax = y], 'top5': Σ w·[y in top-5], 'count': Σ w}.
-    """
+def per_example_hits(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Top-1 and top-5 hits per example as float32 [B] (top-k with k = min(5, K))."""
     k = min(5, logits.shape[-1])
     topk = jax.lax.top_k(logits, k)[1]
     hit5 = jnp.any(topk == labels[:, None], axis=-1)
     hit1 = topk[:, 0] == labels
-    return {
-        "top1": jnp.sum(weights * hit1),
-        "top5": jnp.sum(weights * hit5),
-        "count": jnp.sum(weights),
-    }
+    return hit1.astype(jnp.float32), hit5.astype(jnp.float32)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, objective: Objective, teacher=None):
@@ -116,18 +108,20 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: Objectiv
 
 
 def make_eval_step(model):
-    """Build ``eval_step(variables, batch) -> sums`` with weighted loss/top-1/top-5 sums.
+    """Build ``eval_step(variables, batch) -> per-example results``.
 
     batch: {'image' [B,H,W,C], 'label' [B], 'mask' [B]}; padded examples have mask 0.
-    Returns {'loss': Σ w·CE, 'top1', 'top5', 'count'} (sums, divide by 'count').
+    Returns {'loss', 'top1', 'top5', 'count'}, each float32 [B] already multiplied by the
+    mask, so summing over all batches and dividing by Σ count gives the split's metrics.
+    Results stay sharded like the batch: the step needs no cross-device collective.
     """
 
     def eval_step(variables, batch):
         logits, _ = model.apply(variables, batch["image"], train=False)
         weights = batch["mask"]
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        sums = accuracy_counts(logits, batch["label"], weights)
-        sums["loss"] = jnp.sum(weights * per_example)
-        return sums
+        hit1, hit5 = per_example_hits(logits, batch["label"])
+        return {"loss": weights * per_example, "top1": weights * hit1,
+                "top5": weights * hit5, "count": weights}
 
     return eval_step
