@@ -85,7 +85,8 @@ def bench_pair(teacher_name, student_name, args, mesh) -> list[dict]:
     macs_s = model_cost(student, shape)["macs"]
 
     def train_rows(name, objective, teacher_model, flops_per_image):
-        state = TrainState.create(common.init_variables(student, shape, 0), tx, rng)
+        state = TrainState.create(common.init_variables(student, shape, 0), tx,
+                                  jax.random.PRNGKey(2))  # fresh: the state is donated
         state = sharding.replicate(state, mesh)
         step = loop.compile_train_step(make_train_step(student, tx, objective, teacher_model), mesh)
         holder = [state]
