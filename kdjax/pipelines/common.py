@@ -78,15 +78,20 @@ def kd_objective(temperature: float, ce_weight: float, kd_weight: float):
 
 
 def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
-              teacher=None, widths=None, tx_extra=None, on_log=None) -> tuple[dict, dict]:
-    """Train ``model_name`` from scratch as stage ``name`` under ``workdir/name``.
+              teacher=None, widths=None, tx_extra=None, on_log=None, model=None,
+              initial_variables=None) -> tuple[dict, dict]:
+    """Train zoo model ``model_name`` (with optional group ``widths``) as stage ``name``
+    under ``workdir/name``, from scratch or from ``initial_variables`` (fine-tuning).
 
     teacher: optional (model, variables) whose eval-mode logits feed ``objective``.
     tx_extra: optional optax transformation chained after SGD (e.g. a controller).
+    model: optional module to train instead of the zoo model (e.g. a zoo model wrapped
+      with learned masks); ``model_name`` then only labels its checkpoints.
     Returns (final variables, results dict).
     """
     config = ctx.config
-    model = models.get_model(model_name, ctx.num_classes, widths)
+    if model is None:
+        model = models.get_model(model_name, ctx.num_classes, widths)
     spec = ckpt_lib.model_spec(model_name, ctx.num_classes, ctx.input_shape, widths)
     batch_size = optim_cfg.batch_size
     sharding.check_batch_size(batch_size, ctx.mesh)
@@ -99,7 +104,7 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
         import optax
 
         tx = optax.chain(tx, tx_extra)
-    variables = init_variables(model, ctx.input_shape, config.seed)
+    variables = initial_variables or init_variables(model, ctx.input_shape, config.seed)
     state = TrainState.create(variables, tx, jax.random.PRNGKey(config.seed + 1))
     train_iter = data_pipeline.make_train_iterator(
         ctx.splits.train, config.data, global_batch_size=batch_size, seed=config.seed,

@@ -1,0 +1,150 @@
+"""Pipeline ``pdd``: pruning during distillation (Dan et al., Cognitive Computation 2024).
+
+Stages (each resumable, under ``workdir/<stage>/``):
+  teacher   — pre-trained teacher (``config.teacher.checkpoint``) or trained first;
+  kd        — optional: the unpruned student trained with the same KD loss, for the
+              "unpruned student with KD vs pruned" comparison (``pdd.kd_baseline``);
+  masks     — stage 1: KD while learning one differentiable mask vector per masked group
+              (kdjax.models.learned_masks); the masks of the checkpoint with the best
+              VALIDATION accuracy are kept (never selected on the test split);
+  finetune  — stage 2: the student is physically compacted with those masks
+              (kdjax.pruning.compact) and fine-tuned (CE, or KD with ``pdd.finetune_kd``).
+Writes ``workdir/summary.json`` and ``workdir/summary.md`` (reductions, widths table).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kdjax import models
+from kdjax.models.learned_masks import LearnedMasks, binary_masks
+from kdjax.pipelines import common
+from kdjax.pruning import compact as compact_lib
+from kdjax.pruning import cost as cost_lib
+from kdjax.train import checkpoint as ckpt_lib
+
+log = logging.getLogger("kdjax")
+
+
+def masked_groups(model, placement: str) -> tuple[str, ...]:
+    """Groups that get a learned mask.
+
+    placement "inner": each residual block's inner channels (PDD's ResNet placement — the
+    residual streams and the stem are not masked); "all": every group (PDD's VGG
+    placement: after every conv-BN-ReLU).
+    """
+    groups = models.mask_groups(model)
+    if placement == "all":
+        return tuple(groups)
+    if placement == "inner":
+        inner = tuple(g for g in groups if ".block" in g)
+        if not inner:
+            raise ValueError("pdd.placement='inner' needs a residual model; use 'all' for VGG")
+        return inner
+    raise ValueError(f"unknown pdd.placement {placement!r}; valid: 'inner', 'all'")
+
+
+def widths_table(groups: dict[str, int], kept: dict[str, int]) -> str:
+    """Markdown table of kept channels per group."""
+    rows = ["| group | channels | kept | kept % |", "|---|---|---|---|"]
+    for g, c in groups.items():
+        rows.append(f"| {g} | {c} | {kept[g]} | {100.0 * kept[g] / c:.1f} |")
+    return "\n".join(rows)
+
+
+def reduction(pruned: dict, reference: dict) -> dict:
+    """Percent of MACs and params removed relative to ``reference``."""
+    return {
+        "macs_removed_pct": 100.0 * (1 - pruned["macs"] / reference["macs"]),
+        "params_removed_pct": 100.0 * (1 - pruned["params"] / reference["params"]),
+    }
+
+
+def run(config, workdir) -> dict:
+    """Teacher → (KD baseline) → KD with learned masks → compact → fine-tune."""
+    ctx = common.setup(config, workdir)
+    pdd = config.pdd
+    teacher_model, teacher_vars, teacher_results = common.obtain_teacher(ctx)
+    student = models.get_model(config.student.name, ctx.num_classes)
+    common.check_pair(teacher_model, student, ctx)
+    teacher = (teacher_model, teacher_vars)
+    kd_objective = common.kd_objective(pdd.temperature, pdd.ce_weight, pdd.kd_weight)
+    results = {"teacher": teacher_results}
+    if pdd.kd_baseline:
+        _, results["kd"] = common.run_stage(ctx, "kd", config.student.name, pdd.kd_optim,
+                                            kd_objective, teacher=teacher)
+
+    wrapped = LearnedMasks(model=student, learned=masked_groups(student, pdd.placement),
+                           init_scale=pdd.mask_init_scale)
+    _, results["masks"] = common.run_stage(ctx, "masks", config.student.name, pdd.stage1,
+                                           kd_objective, teacher=teacher, model=wrapped)
+    # The masks of the best-on-validation checkpoint of stage 1.
+    _, best = ckpt_lib.load_variables(ctx.workdir / "masks", prefer=ckpt_lib.BEST_DIR)
+    groups = models.mask_groups(student)
+    masks = binary_masks(best["params"], groups)
+    inner = {"params": best["params"]["model"], "batch_stats": best["batch_stats"]["model"]}
+    small_model, small_vars = compact_lib.compact(student, inner, masks)
+    kept = {g: int(round(float(masks[g].sum()))) for g in groups}
+    log.info("[pdd] widths found:\n%s", widths_table(groups, kept))
+
+    finetune_objective = kd_objective if pdd.finetune_kd else common.supervised_objective
+    _, results["finetune"] = common.run_stage(
+        ctx, "finetune", config.student.name, pdd.stage2, finetune_objective,
+        teacher=teacher if pdd.finetune_kd else None, widths=kept, model=small_model,
+        initial_variables=small_vars)
+
+    summary = summarize(config, ctx, student, small_model, groups, kept, results)
+    ckpt_lib.save_json(ctx.workdir / "summary.json", summary)
+    (ctx.workdir / "summary.md").write_text(summary_markdown(summary, groups, kept))
+    print(summary_markdown(summary, groups, kept), flush=True)
+    return summary
+
+
+def summarize(config, ctx, student, small_model, groups, kept, results) -> dict:
+    """Costs, reductions (vs the unpruned student, and vs the standard ResNet20 when the
+    student is PDD's widened one) and accuracies."""
+    shape = ctx.input_shape
+    dense = cost_lib.model_cost(student, shape)
+    pruned = cost_lib.model_cost(small_model, shape)
+    summary = {
+        "student": config.student.name,
+        "teacher": results["teacher"],
+        "unpruned_cost": {"macs": dense["macs"], "params": dense["params"]},
+        "pruned_cost": {"macs": pruned["macs"], "params": pruned["params"]},
+        "reduction_vs_unpruned_student": reduction(pruned, dense),
+        "kept_widths": kept,
+        "stages": results,
+        "pruned_test_top1": results["finetune"]["test_top1_last"],
+    }
+    if config.student.name == "resnet20_pdd":
+        standard = cost_lib.model_cost(models.get_model("resnet20", ctx.num_classes), shape)
+        summary["reduction_vs_standard_resnet20"] = reduction(pruned, standard)
+    if "kd" in results:
+        summary["unpruned_kd_test_top1"] = results["kd"]["test_top1_last"]
+    return summary
+
+
+def summary_markdown(summary: dict, groups, kept) -> str:
+    """README-friendly summary: accuracy, cost and reductions, widths table."""
+    red = summary["reduction_vs_unpruned_student"]
+    lines = [
+        f"## PDD: {summary['student']}",
+        "",
+        "| model | test top-1 | MACs | params |",
+        "|---|---|---|---|",
+    ]
+    if "unpruned_kd_test_top1" in summary:
+        lines.append(f"| unpruned student + KD | {summary['unpruned_kd_test_top1']:.2f} | "
+                     f"{summary['unpruned_cost']['macs'] / 1e6:.2f}M | "
+                     f"{summary['unpruned_cost']['params']:,} |")
+    lines.append(f"| pruned (PDD) | {summary['pruned_test_top1']:.2f} | "
+                 f"{summary['pruned_cost']['macs'] / 1e6:.2f}M | "
+                 f"{summary['pruned_cost']['params']:,} |")
+    lines += ["", f"MACs removed {red['macs_removed_pct']:.2f} %, params removed "
+              f"{red['params_removed_pct']:.2f} % (vs the unpruned student)."]
+    if "reduction_vs_standard_resnet20" in summary:
+        std = summary["reduction_vs_standard_resnet20"]
+        lines.append(f"Against the standard ResNet20: MACs removed {std['macs_removed_pct']:.2f} %, "
+                     f"params removed {std['params_removed_pct']:.2f} %.")
+    lines += ["", widths_table(groups, kept), ""]
+    return "\n".join(lines)
