@@ -21,13 +21,14 @@ from ml_collections import config_flags  # noqa: E402
 
 from kdjax import models  # noqa: E402
 from kdjax.data import MissingDatasetError  # noqa: E402
-from kdjax.pipelines import kd, supervised  # noqa: E402
+from kdjax.pipelines import kd, pdd, supervised  # noqa: E402
 from kdjax.train.checkpoint import CheckpointError  # noqa: E402
 from kdjax.train.loop import Preempted  # noqa: E402
 
 PIPELINES = {
     "supervised": supervised.run,
     "kd": kd.run,
+    "pdd": pdd.run,
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file (configs/*.py[:preset]).",

@@ -7,6 +7,7 @@ import pytest
 
 from kdjax import models
 from kdjax.models import MODEL_NAMES, get_model
+from kdjax.pruning.compact import compact
 
 NUM_CLASSES = 10
 
@@ -261,44 +262,6 @@ def _variable_shapes(model):
                         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
 
 
-def _axis_groups(name, num_classes):
-    """For every variable leaf, the mask group owning each axis (None if none).
-
-    Found generically: shrink one group by one channel and see which axes shrink.
-    """
-    full = get_model(name, num_classes)
-    full_shapes = _variable_shapes(full)
-    owners = jax.tree.map(lambda s: [None] * len(s), full_shapes,
-                          is_leaf=lambda s: isinstance(s, tuple))
-    for group, channels in models.mask_groups(full).items():
-        shrunk = _variable_shapes(get_model(name, num_classes, widths={group: channels - 1}))
-
-        def mark(owner, big, small, group=group):
-            for axis, (a, b) in enumerate(zip(big, small)):
-                if a != b:
-                    assert owner[axis] is None, "axis claimed by two groups"
-                    owner[axis] = group
-            return owner
-
-        owners = jax.tree.map(mark, owners, full_shapes, shrunk,
-                              is_leaf=lambda s: isinstance(s, list))
-    return owners
-
-
-def _compact(variables, owners, masks):
-    """Physically delete the masked channels: slice each leaf along its group axes."""
-    keep = {g: np.flatnonzero(np.asarray(m)) for g, m in masks.items()}
-
-    def slice_leaf(leaf, owner):
-        leaf = np.asarray(leaf)
-        for axis, group in enumerate(owner):
-            if group is not None:
-                leaf = np.take(leaf, keep[group], axis=axis)
-        return jnp.asarray(leaf)
-
-    return jax.tree.map(slice_leaf, variables, owners)
-
-
 @pytest.mark.parametrize("name", ["resnet8x4", "resnet20", "vgg8", "wrn_16_2", "wrn_16_1"])
 def test_deletion_equivalence(name):
     model = get_model(name, NUM_CLASSES)
@@ -306,10 +269,9 @@ def test_deletion_equivalence(name):
     masks = _random_masks(model, 8)
     x = _images((2, 8, 8, 3))
 
-    owners = _axis_groups(name, NUM_CLASSES)
-    small = get_model(name, NUM_CLASSES,
-                      widths={g: int(m.sum()) for g, m in masks.items()})
-    small_vars = _compact(variables, owners, masks)
+    small, small_vars = compact(model, variables, masks)
+    assert small == get_model(name, NUM_CLASSES,
+                              widths={g: int(m.sum()) for g, m in masks.items()})
     assert jax.tree.map(jnp.shape, small_vars) == _variable_shapes(small)
 
     masked_logits, _ = model.apply(variables, x, masks=masks)
