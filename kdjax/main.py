@@ -21,12 +21,13 @@ from ml_collections import config_flags  # noqa: E402
 
 from kdjax import models  # noqa: E402
 from kdjax.data import MissingDatasetError  # noqa: E402
-from kdjax.pipelines import kd, pdd, supervised  # noqa: E402
+from kdjax.pipelines import dynamic_kd, kd, pdd, supervised  # noqa: E402
 from kdjax.train.checkpoint import CheckpointError  # noqa: E402
 from kdjax.train.loop import Preempted  # noqa: E402
 
 PIPELINES = {
     "supervised": supervised.run,
+    "dynamic_kd": dynamic_kd.run,
     "kd": kd.run,
     "pdd": pdd.run,
 }

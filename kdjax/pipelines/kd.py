@@ -28,6 +28,29 @@ def summary_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def baseline_stages(ctx, student_name: str, optim_cfg, teacher, *, temperature: float,
+                    ce_weight: float, kd_weight: float, from_scratch: bool) -> dict:
+    """The comparison every KD method is judged against, with one teacher and budget:
+    the student from scratch (stage ``student``, if ``from_scratch``) and vanilla KD
+    (stage ``kd``). Returns {stage: results}."""
+    results = {}
+    if from_scratch:
+        _, results["student"] = common.run_stage(
+            ctx, "student", student_name, optim_cfg, common.supervised_objective)
+    objective = common.kd_objective(temperature, ce_weight, kd_weight)
+    _, results["kd"] = common.run_stage(ctx, "kd", student_name, optim_cfg, objective,
+                                        teacher=teacher)
+    return results
+
+
+def report(ctx, results: dict) -> None:
+    """Log and print the results table; write ``workdir/summary.json``."""
+    table = summary_table(results)
+    log.info("results:\n%s", table)
+    print(table, flush=True)
+    ckpt_lib.save_json(ctx.workdir / "summary.json", results)
+
+
 def run(config, workdir) -> dict:
     """Teacher → (student from scratch) → KD student; writes ``workdir/summary.json``."""
     ctx = common.setup(config, workdir)
@@ -35,15 +58,9 @@ def run(config, workdir) -> dict:
     student_model = models.get_model(config.student.name, ctx.num_classes)
     common.check_pair(teacher_model, student_model, ctx)
     results = {"teacher": teacher_results}
-    if config.kd.baseline:
-        _, results["student"] = common.run_stage(
-            ctx, "student", config.student.name, config.optim, common.supervised_objective)
-    objective = common.kd_objective(config.kd.temperature, config.kd.ce_weight,
-                                    config.kd.kd_weight)
-    _, results["kd"] = common.run_stage(ctx, "kd", config.student.name, config.optim, objective,
-                                        teacher=(teacher_model, teacher_vars))
-    table = summary_table(results)
-    log.info("results:\n%s", table)
-    print(table, flush=True)
-    ckpt_lib.save_json(ctx.workdir / "summary.json", results)
+    results.update(baseline_stages(
+        ctx, config.student.name, config.optim, (teacher_model, teacher_vars),
+        temperature=config.kd.temperature, ce_weight=config.kd.ce_weight,
+        kd_weight=config.kd.kd_weight, from_scratch=config.kd.baseline))
+    report(ctx, results)
     return results

@@ -1,93 +1,95 @@
 """Physical compaction: a masked zoo model -> a plain, smaller zoo model with the same outputs.
 
-Every zoo model accepts per-group widths (``model.clone(widths=...)``) with parameter
-names independent of the widths, so compaction is slicing: each variable axis that
-belongs to a mask group keeps only that group's kept channels. Which group owns which
-axis is found from the model itself (shrink one group by one channel in an abstract
-init and see which axes shrink), so the rule holds for every architecture in the zoo
-and for residual couplings (a stream group owns the output axis of every conv and BN
-that writes the stream and the input axis of every layer that reads it).
+Zoo models take per-group widths and keep their variable names for any widths, so
+compaction is slicing: every variable axis owned by group g (``masks.axis_groups``)
+keeps the indices K_g = {c : m_g[c] ≠ 0}, in order,
+
+    small[leaf] = leaf[..., K_{g(a)}, ...]   on each owned axis a,
+
+for params and batch_stats alike (kernels, biases, BN scale/bias/mean/var; nothing is
+re-initialised). A masked channel is exactly zero downstream of its mask, so dropping
+it and every weight that reads it leaves the eval-mode outputs unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
 
 from kdjax import models
-from kdjax.models import common as model_common
-
-_PROBE_SHAPE = (1, 8, 8, 3)
+from kdjax.pruning import masks as masks_lib
 
 
-def with_widths(model, widths: dict):
-    """``model`` rebuilt with group widths overridden by ``widths`` (other groups kept)."""
-    current = dict(model.widths)
-    current.update({g: int(c) for g, c in widths.items()})
-    return model.clone(widths=model_common.widths_tuple(current))
+def zoo_spec(model: nn.Module) -> tuple[str, int, dict[str, int]]:
+    """(name, num_classes, widths) with ``get_model(name, num_classes, widths) == model``.
 
-
-def _variable_shapes(model, input_shape=_PROBE_SHAPE):
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(input_shape))
-    return jax.tree.map(lambda a: tuple(a.shape), shapes)
-
-
-def axis_owners(model) -> dict:
-    """For every variable leaf, a list with the mask group owning each axis (None if none).
-
-    Same structure as the model's variables ({'params', 'batch_stats'}). Found by widening
-    one group at a time by one channel in an abstract init (the input channel count does
-    not matter: the input axis of the first conv belongs to no group).
+    Found by comparing ``model`` with each registry entry (class and configuration);
+    a width variant such as resnet20_pdd is reported as its base model plus its widths.
+    Raises ValueError for a module that is not a zoo model.
     """
-    full = _variable_shapes(model)
-    is_shape = lambda s: isinstance(s, tuple)
-    owners = jax.tree.map(lambda s: [None] * len(s), full, is_leaf=is_shape)
-    for group, channels in models.mask_groups(model).items():
-        shrunk = _variable_shapes(with_widths(model, {group: channels + 1}))
-
-        def mark(owner, big, small, group=group):
-            for axis, (a, b) in enumerate(zip(big, small)):
-                if a != b:
-                    owner[axis] = group
-            return owner
-
-        owners = jax.tree.map(mark, owners, full, shrunk, is_leaf=lambda s: isinstance(s, list))
-    return owners
+    widths = dict(getattr(model, "widths", ()))
+    for name in models.MODEL_NAMES:
+        if name in models.VARIANTS:
+            continue
+        try:
+            candidate = models.get_model(name, model.num_classes, widths)
+        except (ValueError, AttributeError):
+            continue
+        if candidate == model:
+            return name, int(model.num_classes), widths
+    raise ValueError(f"{type(model).__name__} is not a kdjax.models zoo model")
 
 
-def _check_binary(masks: dict, groups: dict) -> dict:
+def kept_indices(model: nn.Module, masks: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+    """{group: sorted indices of kept channels} of binary masks; ValueError unless every
+    group of ``model`` has a 0/1 mask of its width with at least one kept channel."""
     keep = {}
-    for g, c in groups.items():
+    for g, c in models.mask_groups(model).items():
+        if g not in masks:
+            raise ValueError(f"masks lack group {g!r}")
         m = np.asarray(masks[g])
         if m.shape != (c,) or not np.all((m == 0) | (m == 1)):
-            raise ValueError(f"mask of group {g!r} must be 0/1 of shape ({c},); got {m.shape}")
+            raise ValueError(f"mask of group {g!r} must be 0/1 of shape ({c},); "
+                             f"got shape {m.shape}")
         if not m.any():
-            raise ValueError(f"mask of group {g!r} keeps no channel; a group needs at least one")
+            raise ValueError(f"mask of group {g!r} keeps no channel; every group needs "
+                             "at least one")
         keep[g] = np.flatnonzero(m)
     return keep
 
 
-def compact(model, variables: dict, masks: dict) -> tuple:
-    """(small_model, small_variables) with the masked channels physically removed.
+def compact(model: nn.Module, variables: Mapping, masks: Mapping[str, jax.Array]
+            ) -> tuple[nn.Module, dict]:
+    """Remove the masked channels physically.
 
-    variables: {'params', 'batch_stats'} of ``model``; masks: binary {group: [C]} with at
-    least one kept channel per group. Every parameter and statistic (kernels, biases, BN
-    scale/bias/mean/var) is sliced, nothing is re-initialised, so the eval-mode outputs of
-    ``small_model`` equal ``model.apply(variables, x, masks=masks)``.
+    model: a zoo model; variables: its {'params', 'batch_stats'}; masks: binary
+    {group: [C_g]} with ≥ 1 kept channel per group. Returns (small_model, small_variables)
+    where small_model = get_model(name, num_classes, widths=count_kept(masks)) (a plain
+    zoo model, see ``zoo_spec``) and small_variables hold the kept slices, so that
+    ``small_model.apply(small_variables, x) == model.apply(variables, x, masks=masks)``
+    in eval mode (up to float rounding), and the costs agree:
+    ``model_cost(small_model, s) == model_cost(model, s, masks)``.
     """
-    groups = models.mask_groups(model)
-    keep = _check_binary(masks, groups)
-    owners = axis_owners(model)
-
-    def slice_leaf(leaf, owner):
-        leaf = np.asarray(leaf)
-        for axis, group in enumerate(owner):
+    name, num_classes, widths = zoo_spec(model)
+    keep = kept_indices(model, masks)
+    owners = masks_lib.axis_groups(model)
+    flat = traverse_util.flatten_dict(unfreeze(variables))
+    unknown = sorted("/".join(p) for p in flat if p not in owners)
+    if unknown:
+        raise ValueError(f"variables not created by the model's init: {unknown}")
+    small = {}
+    for path, leaf in flat.items():
+        leaf = jnp.asarray(leaf)
+        for axis, group in enumerate(owners[path]):
             if group is not None:
-                leaf = np.take(leaf, keep[group], axis=axis)
-        return jnp.asarray(leaf)
-
-    small_vars = jax.tree.map(slice_leaf, dict(variables), owners,
-                              is_leaf=lambda x: isinstance(x, list))
-    small_model = with_widths(model, {g: len(k) for g, k in keep.items()})
-    return small_model, small_vars
+                leaf = jnp.take(leaf, keep[group], axis=axis)
+        small[path] = leaf
+    small_model = models.get_model(name, num_classes,
+                                   {**widths, **{g: len(k) for g, k in keep.items()}})
+    return small_model, traverse_util.unflatten_dict(small)
