@@ -1,80 +1,158 @@
-"""DynamicKD pipeline: end to end, c = 1 frozen equals vanilla KD, resume, controller moves."""
+"""DynamicKD pipeline: end to end, the objective's measurements, c = 1 frozen equals
+vanilla KD, resume (controller and log), the controller moves against ∂L_KD/∂c."""
 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from kdjax import config_lib
-from kdjax.pipelines import dynamic_kd
+from kdjax import config_lib, controllers, losses
+from kdjax.pipelines import common, dynamic_kd
 from kdjax.train import checkpoint as ckpt_lib
 
 from test_train import load_config
 
+LR = 0.05
 
-def tiny(steps, baselines=False, lr=0.05):
+
+def tiny(steps, teacher="", baselines=False, lr=LR):
+    """resnet8 → resnet8 on synthetic data (7 steps per epoch at batch 64), ``steps`` steps."""
     config = config_lib.synthetic(load_config("dynamic_kd"), steps=steps)
     config.teacher.name, config.student.name = "resnet8", "resnet8"
+    config.teacher.checkpoint = teacher
     config.optim = config.teacher.optim = config_lib.optim(epochs=3, batch_size=64, lr=0.05)
     config.dynamic_kd.baselines = baselines
     config.dynamic_kd.controller.lr = lr
     return config
 
 
-def last_params(path):
-    return ckpt_lib.load_variables(path, prefer=ckpt_lib.LAST_DIR)[1]
+def last_params(stage_dir):
+    return ckpt_lib.load_variables(stage_dir, prefer=ckpt_lib.LAST_DIR)[1]
 
 
-def controller_rows(workdir):
-    lines = (workdir / "dynamic_kd" / "controller.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+def assert_same_tree(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, **tol)
 
 
-def test_end_to_end_logs_every_step(tmp_path):
-    results = dynamic_kd.run(tiny(steps=2), tmp_path)
-    assert (tmp_path / "summary.json").exists()
-    assert (tmp_path / "dynamic_kd" / "controller.png").stat().st_size > 0
-    rows = controller_rows(tmp_path)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert set(rows[0]) >= {"controller", "entropy_student", "entropy_teacher", "kd", "ce"}
-    assert results["dynamic_kd"]["final_controller"] == rows[-1]["controller"]
+def rows(workdir):
+    return dynamic_kd.read_rows(workdir / "dynamic_kd" / "controller.jsonl")
 
 
-def test_frozen_unit_controller_is_vanilla_kd(tmp_path):
-    dynamic_kd.run(tiny(steps=3, baselines=True, lr=0.0), tmp_path)
-    kd_vars, dkd_vars = last_params(tmp_path / "kd"), last_params(tmp_path / "dynamic_kd")
-    for a, b in zip(jax.tree.leaves(kd_vars), jax.tree.leaves(dkd_vars)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert all(r["controller"] == 1.0 for r in controller_rows(tmp_path))
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """2 steps from nothing: teacher, baselines and a frozen c = 1 controller (lr = 0)."""
+    workdir = tmp_path_factory.mktemp("e2e")
+    return workdir, dynamic_kd.run(tiny(steps=2, baselines=True, lr=0.0), workdir)
 
 
-def test_resume_restores_the_controller(tmp_path):
-    dynamic_kd.run(tiny(steps=2), tmp_path / "teacher_run")  # one teacher for both runs
-
-    def with_teacher(config):
-        config.teacher.checkpoint = str(tmp_path / "teacher_run" / "teacher")
-        return config
-
-    dynamic_kd.run(with_teacher(tiny(steps=6)), tmp_path / "straight")
-    dynamic_kd.run(with_teacher(tiny(steps=3)), tmp_path / "resumed")
-    dynamic_kd.run(with_teacher(tiny(steps=6)), tmp_path / "resumed")
-    straight, resumed = controller_rows(tmp_path / "straight"), controller_rows(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == list(range(1, 7))  # no duplicated steps
-    assert [r["controller"] for r in resumed] == [r["controller"] for r in straight]
-    a = last_params(tmp_path / "straight" / "dynamic_kd")
-    b = last_params(tmp_path / "resumed" / "dynamic_kd")
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
-    # the controller moved, against the sign of its measured gradient at each step
-    for before, after in zip(straight, straight[1:]):
-        if abs(before["controller_grad"]) > 1e-6:
-            assert np.sign(after["controller"] - before["controller"]) == -np.sign(before["controller_grad"])
-    assert straight[-1]["controller"] != 1.0
+@pytest.fixture(scope="module")
+def straight(e2e, tmp_path_factory):
+    """5 steps with a learning controller and the teacher of ``e2e``."""
+    workdir = tmp_path_factory.mktemp("straight")
+    dynamic_kd.run(tiny(steps=5, teacher=str(e2e[0] / "teacher")), workdir)
+    return workdir
 
 
-def test_unknown_controller_kind_is_clear(tmp_path):
+def test_end_to_end_writes_summary_log_and_plot(e2e):
+    workdir, results = e2e
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary) == {"teacher", "student", "kd", "dynamic_kd"}
+    assert summary["dynamic_kd"]["steps"] == 2
+    assert (workdir / "dynamic_kd" / "controller.png").stat().st_size > 0
+    logged = rows(workdir)
+    assert [r["step"] for r in logged] == [1, 2]
+    assert set(logged[0]) >= {"step", "controller", "H_q", "H_p", "kd", "ce", "loss"}
+    assert results["dynamic_kd"]["final_controller"] == logged[-1]["controller"]
+
+
+def test_frozen_unit_controller_reproduces_the_kd_stage(e2e):
+    workdir = e2e[0]
+    assert [r["controller"] for r in rows(workdir)] == [1.0, 1.0]
+    assert_same_tree(last_params(workdir / "kd"), last_params(workdir / "dynamic_kd"),
+                     rtol=1e-6, atol=1e-7)
+
+
+def test_controller_moves_against_its_gradient(straight):
+    first, second = rows(straight)[:2]
+    assert first["controller"] == 1.0 and second["controller"] != 1.0
+    assert np.sign(second["controller"] - 1.0) == -np.sign(first["controller_grad"])
+    # θ ← θ − lr·c·∂L_KD/∂c with c = 1 (float32 arithmetic on the device)
+    np.testing.assert_allclose(second["controller"], np.exp(-LR * first["controller_grad"]),
+                               rtol=1e-5)
+    assert len({r["controller"] for r in rows(straight)}) == 5  # it changes every step
+
+
+def logits_and_labels(seed, b=16, k=10):
+    rng = np.random.default_rng(seed)
+    z_s, z_t = (3 * rng.normal(size=(b, k)).astype(np.float32) for _ in range(2))
+    return z_s, z_t, {"label": rng.integers(0, k, size=b).astype(np.int32)}
+
+
+@pytest.mark.parametrize("kind", ["scalar", "per_class"])
+def test_objective_measures_for_the_controller(kind):
+    z_s, z_t, batch = logits_and_labels(0)
+    c = np.exp(np.random.default_rng(1).normal(size=() if kind == "scalar" else (10,)))
+    opt_state = (optax.EmptyState(), controllers.EntropyControllerState(
+        log_c=jnp.log(jnp.float32(c)), count=jnp.int32(0)))
+    measure = lambda mode: jax.jit(dynamic_kd.dynamic_kd_objective(  # noqa: E731
+        4.0, 0.1, 0.9, kind, mode))(z_s, {}, batch, z_t, opt_state)
+    loss, metrics, extra = measure("gradient")
+    # the measured gradient is the autodiff gradient of the KD term w.r.t. c
+    auto = jax.grad(losses.dynamic_kd_loss, argnums=2)(z_s, z_t, jnp.float32(c), 4.0,
+                                                       controller_kind=kind)
+    np.testing.assert_allclose(extra["controller_grad"], auto, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(loss, 0.1 * metrics["ce"] + 0.9 * metrics["kd"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["controller"], np.mean(c), rtol=1e-6)
+    _, _, feedback = measure("entropy_feedback")
+    h_q, h_p = controllers.controller_entropies(z_s, z_t, jnp.float32(c), 4.0,
+                                                controller_kind=kind)
+    assert set(feedback) == {"student_entropy", "teacher_entropy"}
+    np.testing.assert_allclose([feedback["student_entropy"], feedback["teacher_entropy"],
+                                metrics["H_q"], metrics["H_p"]], [h_q, h_p, h_q, h_p],
+                               rtol=1e-6)
+
+
+def test_objective_at_unit_controller_is_vanilla_kd():
+    z_s, z_t, batch = logits_and_labels(2)
+    opt_state = controllers.entropy_controller().init({})
+    dynamic = dynamic_kd.dynamic_kd_objective(4.0, 0.1, 0.9, "scalar", "gradient")
+    vanilla = common.kd_objective(4.0, 0.1, 0.9)
+    assert dynamic(z_s, {}, batch, z_t, opt_state)[0] == vanilla(z_s, {}, batch, z_t, None)[0]
+    with pytest.raises(ValueError, match="entropy_feedback"):
+        dynamic_kd.dynamic_kd_objective(4.0, 0.1, 0.9, "scalar", "feedback")
+
+
+def test_resume_restores_the_controller_and_never_duplicates_log_lines(e2e, straight,
+                                                                        tmp_path):
+    config = lambda steps: tiny(steps=steps, teacher=str(e2e[0] / "teacher"))  # noqa: E731
+    dynamic_kd.run(config(3), tmp_path)
+    # as if the run had died after logging step 4 but before checkpointing it
+    with (tmp_path / "dynamic_kd" / "controller.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "controller": -1.0}) + "\n")
+    results = dynamic_kd.run(config(5), tmp_path)
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5]
+    assert rows(tmp_path) == rows(straight)  # the controller value included, bit for bit
+    assert results["dynamic_kd"]["final_controller"] == rows(straight)[-1]["controller"]
+    assert_same_tree(last_params(straight / "dynamic_kd"), last_params(tmp_path / "dynamic_kd"),
+                     rtol=0, atol=0)
+
+
+def test_unimplemented_controller_kind_fails_before_training(tmp_path):
     config = tiny(steps=1)
     config.dynamic_kd.controller.kind = "per_sample"
-    with pytest.raises(ValueError, match="per_sample"):
+    with pytest.raises(ValueError, match="'per_sample' is not implemented"):
         dynamic_kd.run(config, tmp_path)
+    assert not (tmp_path / "teacher").exists()
+
+
+def test_presets():
+    assert load_config("dynamic_kd", "").student.name == "resnet8x4"
+    assert load_config("dynamic_kd", "vgg13_vgg8").teacher.name == "vgg13"
+    assert not load_config("dynamic_kd", "").dynamic_kd.baselines
+    assert load_config("dynamic_kd", "demo").dynamic_kd.baselines
+    with pytest.raises(ValueError, match="resnet56_resnet20"):
+        load_config("dynamic_kd", "nope")

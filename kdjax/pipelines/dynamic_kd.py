@@ -4,76 +4,99 @@ entropy controller held in optimizer state (DynamicKD, Zhu, Shang et al. 2023).
 Stages (each resumable, under ``workdir/<stage>/``):
   teacher      — loaded from ``config.teacher.checkpoint`` or trained first;
   student, kd  — with ``dynamic_kd.baselines``: the student from scratch and vanilla KD
-                 with the same teacher, budget and temperature (kd.baseline_stages);
-  dynamic_kd   — γ·CE(z_s, y) + α·T²·KL(p_t ‖ softmax(c·z_s/T)), with c read from the
-                 optimizer state and updated by kdjax.controllers.entropy_controller.
-Every step's controller value, H(q_c), H(p_t), KD and CE terms go to
+                 with the same teacher, budget and temperature (``kd.baseline_stages``);
+  dynamic_kd   — γ·CE(z_s, y) + α·T²·KL(p_t ‖ q_c), q_c = softmax(c·z_s/T), with c read
+                 from the optimizer state and updated by
+                 ``kdjax.controllers.entropy_controller`` (chained after SGD).
+Every step's metrics (c, ∂L_KD/∂c, H(q_c), H(p_t), KD and CE terms, loss) go to
 ``dynamic_kd/controller.jsonl``; ``dynamic_kd/controller.png`` plots them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
+
+import jax
 
 from kdjax import controllers, losses, models
 from kdjax.data import pipeline as data_pipeline
 from kdjax.pipelines import common, kd
-from kdjax.train import checkpoint as ckpt_lib
-
-log = logging.getLogger("kdjax")
 
 STAGE = "dynamic_kd"
-LOGGED = ("controller", "controller_grad", "entropy_student", "entropy_teacher", "kd", "ce",
-          "loss")
+KINDS = ("scalar", "per_class")
 
 
-def dynamic_kd_objective(temperature: float, ce_weight: float, kd_weight: float, mode: str):
-    """γ·CE + α·T²·KL(p_t ‖ q_c), q_c = softmax(c·z_s/T), c from the optimizer state.
+def dynamic_kd_objective(temperature: float, ce_weight: float, kd_weight: float, kind: str,
+                         mode: str):
+    """γ·CE(z_s, y) + α·T²·KL(p_t ‖ q_c) with q_c = softmax(c·z_s/T), p_t = softmax(z_t/T).
 
-    The controller's measurement goes out as the optimizer's extra arguments:
-    mode "gradient": controller_grad = ∂L_KD/∂c = T·(E_{q_c}[z_s] − E_{p_t}[z_s]);
-    mode "entropy_feedback": student_entropy = H(q_c), teacher_entropy = H(p_t).
+    c = controllers.controller_value(opt_state). The optimizer state is not
+    differentiated, so c is a constant for the model gradient; the controller's own
+    measurement leaves as the optimizer's extra arguments (on the stopped logits):
+      mode "gradient":         controller_grad = ∂L_KD/∂c
+                               = T·mean_i(E_{q_c}[z_s,i] − E_{p_t}[z_s,i]),
+                               per class k: T·mean_i z_s,ik·(q_ik − p_ik);
+      mode "entropy_feedback": student_entropy = H(q_c), teacher_entropy = H(p_t).
+    Metrics: loss, ce, kd, controller (mean of c; per class also its min and max),
+    controller_grad (mean), H_q = H(q_c), H_p = H(p_t).
     """
+    if mode not in ("gradient", "entropy_feedback"):
+        raise ValueError(f"dynamic_kd.controller.mode={mode!r}; valid: 'gradient', "
+                         f"'entropy_feedback'")
 
     def objective(logits, features, batch, teacher_logits, opt_state):
         c = controllers.controller_value(opt_state)
         ce = losses.cross_entropy(logits, batch["label"])
-        kd_term = losses.dynamic_kd_loss(logits, teacher_logits, c, temperature)
+        kd_term = losses.dynamic_kd_loss(logits, teacher_logits, c, temperature,
+                                         controller_kind=kind)
         loss = ce_weight * ce + kd_weight * kd_term
-        h_student, h_teacher = controllers.controller_entropies(logits, teacher_logits, c,
-                                                                temperature)
-        grad_c = controllers.kd_controller_grad(logits, teacher_logits, c, temperature)
+        z = jax.lax.stop_gradient(logits)
+        h_q, h_p = controllers.controller_entropies(z, teacher_logits, c, temperature,
+                                                    controller_kind=kind)
+        grad_c = controllers.kd_controller_grad(z, teacher_logits, c, temperature,
+                                                controller_kind=kind)
+        metrics = {"loss": loss, "ce": ce, "kd": kd_term, "controller": c.mean(),
+                   "controller_grad": grad_c.mean(), "H_q": h_q, "H_p": h_p}
+        if kind == "per_class":
+            metrics.update(controller_min=c.min(), controller_max=c.max())
         if mode == "gradient":
             extra = {"controller_grad": grad_c}
         else:
-            extra = {"student_entropy": h_student, "teacher_entropy": h_teacher}
-        metrics = {"loss": loss, "ce": ce, "kd": kd_term, "controller": c.mean(),
-                   "controller_grad": grad_c.mean(), "entropy_student": h_student,
-                   "entropy_teacher": h_teacher}
+            extra = {"student_entropy": h_q, "teacher_entropy": h_p}
         return loss, metrics, extra
 
     return objective
 
 
-def controller_transform(cfg, num_classes: int, steps_per_epoch: int):
-    """The optax controller of ``config.dynamic_kd.controller``."""
-    c = cfg.controller
-    if c.kind not in ("scalar", "per_class"):
+def controller_transform(controller_cfg, num_classes: int, steps_per_epoch: int):
+    """``entropy_controller`` of ``config.dynamic_kd.controller``; warm-up epochs → steps
+    (round(warmup_epochs · steps_per_epoch))."""
+    c = controller_cfg
+    if c.kind not in KINDS:
         raise ValueError(f"dynamic_kd.controller.kind={c.kind!r} is not implemented; valid: "
-                         f"'scalar', 'per_class' (the per-sample head of PAPERS.md is not built)")
+                         f"{', '.join(KINDS)} (the per-sample head of PAPERS.md is not built)")
     return controllers.entropy_controller(
         learning_rate=c.lr, init=c.init, clip=tuple(c.clip), kind=c.kind,
         num_classes=num_classes if c.kind == "per_class" else None, mode=c.mode,
-        feedback_rate=c.feedback_rate, warmup_steps=int(c.warmup_epochs * steps_per_epoch))
+        feedback_rate=c.feedback_rate,
+        warmup_steps=int(round(c.warmup_epochs * steps_per_epoch)))
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """The JSON lines of ``path`` (none if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class StepLog:
-    """``on_log`` callback: appends every step's controller metrics to a JSONL file.
+    """``on_log`` callback: appends every step's host metrics to a JSONL file, one line
+    ``{"step": s, <metric>: value, ...}`` per step.
 
-    On its first call it drops lines at or after the first incoming step, so a run that
-    died between a log and its checkpoint never leaves duplicated steps.
+    On its first call it drops the lines at or after the first incoming step: a run that
+    died after a log but before its checkpoint resumes from the checkpoint, and its
+    replayed steps replace the stale lines instead of duplicating them.
     """
 
     def __init__(self, path: pathlib.Path):
@@ -82,38 +105,38 @@ class StepLog:
 
     def __call__(self, step: int, history) -> None:
         if not self.started:
-            self._truncate(history[0][0])
+            kept = [r for r in read_rows(self.path) if r["step"] < history[0][0]]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self.started = True
         with self.path.open("a") as f:
             for s, metrics in history:
-                record = {"step": int(s), **{k: float(metrics[k]) for k in LOGGED}}
+                record = {"step": int(s), **{k: float(v) for k, v in metrics.items()}}
                 f.write(json.dumps(record) + "\n")
 
-    def _truncate(self, first_step: int) -> None:
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] < first_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
 
-
-def plot_controller(jsonl: pathlib.Path, png: pathlib.Path) -> None:
-    """Three panels against the step: c; H(q_c) and H(p_t); KD and CE terms."""
+def plot_controller(rows: list[dict], png: pathlib.Path) -> None:
+    """Three panels against the step: c (per class: mean, min–max band);
+    H(q_c) and H(p_t); the KD and CE terms."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in rows]
+    series = lambda key: [r[key] for r in rows]  # noqa: E731
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    axes[0].plot(steps, [r["controller"] for r in rows])
+    axes[0].plot(steps, series("controller"), label="c (mean)")
+    if "controller_min" in rows[0]:
+        axes[0].fill_between(steps, series("controller_min"), series("controller_max"),
+                             alpha=0.3, label="c min–max over classes")
     axes[0].set_ylabel("controller c")
-    axes[1].plot(steps, [r["entropy_student"] for r in rows], label="H(q_c) student")
-    axes[1].plot(steps, [r["entropy_teacher"] for r in rows], label="H(p_t) teacher")
+    axes[0].legend()
+    axes[1].plot(steps, series("H_q"), label="H(q_c) student")
+    axes[1].plot(steps, series("H_p"), label="H(p_t) teacher")
     axes[1].set_ylabel("entropy (nats)")
     axes[1].legend()
-    axes[2].plot(steps, [r["kd"] for r in rows], label="KD term")
-    axes[2].plot(steps, [r["ce"] for r in rows], label="CE term")
+    axes[2].plot(steps, series("kd"), label="KD term")
+    axes[2].plot(steps, series("ce"), label="CE term")
     axes[2].set_ylabel("loss")
     axes[2].set_xlabel("step")
     axes[2].legend()
@@ -122,10 +145,23 @@ def plot_controller(jsonl: pathlib.Path, png: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def final_controller(rows: list[dict]) -> dict:
+    """c used at the last logged step: ``final_controller`` (per class: mean, and
+    ``final_controller_min`` / ``final_controller_max``)."""
+    last = rows[-1]
+    return {f"final_{key}": last[key] for key in ("controller", "controller_min",
+                                                  "controller_max") if key in last}
+
+
 def run(config, workdir) -> dict:
     """Teacher → (student from scratch, vanilla KD) → DynamicKD; writes summary.json."""
     ctx = common.setup(config, workdir)
     cfg = config.dynamic_kd
+    steps_per_epoch = data_pipeline.steps_per_epoch(len(ctx.splits.train),
+                                                    config.optim.batch_size)
+    controller = controller_transform(cfg.controller, ctx.num_classes, steps_per_epoch)
+    objective = dynamic_kd_objective(cfg.temperature, cfg.ce_weight, cfg.kd_weight,
+                                     cfg.controller.kind, cfg.controller.mode)
     teacher_model, teacher_vars, teacher_results = common.obtain_teacher(ctx)
     student_model = models.get_model(config.student.name, ctx.num_classes)
     common.check_pair(teacher_model, student_model, ctx)
@@ -135,19 +171,15 @@ def run(config, workdir) -> dict:
         results.update(kd.baseline_stages(
             ctx, config.student.name, config.optim, teacher, temperature=cfg.temperature,
             ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, from_scratch=True))
-    steps_per_epoch = data_pipeline.steps_per_epoch(len(ctx.splits.train),
-                                                    config.optim.batch_size)
     stage_dir = ctx.workdir / STAGE
     stage_dir.mkdir(parents=True, exist_ok=True)
-    variables, results[STAGE] = common.run_stage(
-        ctx, STAGE, config.student.name, config.optim,
-        dynamic_kd_objective(cfg.temperature, cfg.ce_weight, cfg.kd_weight,
-                             cfg.controller.mode),
-        teacher=teacher, tx_extra=controller_transform(cfg, ctx.num_classes, steps_per_epoch),
-        on_log=StepLog(stage_dir / "controller.jsonl"))
-    rows = (stage_dir / "controller.jsonl").read_text().splitlines()
+    jsonl = stage_dir / "controller.jsonl"
+    _, results[STAGE] = common.run_stage(
+        ctx, STAGE, config.student.name, config.optim, objective, teacher=teacher,
+        tx_extra=controller, on_log=StepLog(jsonl))
+    rows = read_rows(jsonl)
     if rows:
-        results[STAGE]["final_controller"] = json.loads(rows[-1])["controller"]
-        plot_controller(stage_dir / "controller.jsonl", stage_dir / "controller.png")
+        results[STAGE].update(final_controller(rows))
+        plot_controller(rows, stage_dir / "controller.png")
     kd.report(ctx, results)
     return results
