@@ -56,7 +56,7 @@ class Term:
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """One module holding parameters, in call order.
+    """One conv, dense or BatchNorm module holding parameters, in call order.
 
     kind: 'conv', 'dense' or 'norm'; in_group/out_group: groups owning the kernel's
     input/output channel axis (for a norm layer, its channel axis; None if unowned).
@@ -86,8 +86,9 @@ def _term(const: int, shape, owners) -> Term:
 
 @functools.lru_cache(maxsize=64)
 def cost_table(model: nn.Module, input_shape: tuple[int, ...]) -> CostTable:
-    """The cost monomials of every conv/dense/norm layer of ``model`` for one image of
-    ``input_shape`` (H, W, C). Cached per (model, input_shape)."""
+    """The cost monomials of every conv/dense/BatchNorm layer of ``model`` for one image
+    of ``input_shape`` (H, W, C). Cached per (model, input_shape); a parameter held by
+    any other kind of module raises ValueError."""
     input_shape = tuple(int(d) for d in input_shape)
     owners = masks_lib.axis_groups(model)
     calls: dict[tuple[str, ...], tuple[str, int]] = {}
@@ -96,7 +97,7 @@ def cost_table(model: nn.Module, input_shape: tuple[int, ...]) -> CostTable:
         out = next_fun(*args, **kwargs)
         module = context.module
         if context.method_name == "__call__" and isinstance(
-                module, (nn.Conv, nn.Dense, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+                module, (nn.Conv, nn.Dense, nn.BatchNorm)):
             kind = ("conv" if isinstance(module, nn.Conv) else
                     "dense" if isinstance(module, nn.Dense) else "norm")
             spatial = math.prod(out.shape[1:-1]) if kind == "conv" else 1
@@ -112,6 +113,8 @@ def cost_table(model: nn.Module, input_shape: tuple[int, ...]) -> CostTable:
     layers = []
     for path, (kind, spatial) in calls.items():
         leaves = {p[-1]: leaf.shape for p, leaf in params.items() if p[:-1] == path}
+        if not leaves:  # e.g. a BatchNorm without scale and bias
+            continue
         leaf_owners = {name: owners[("params", *path, name)] for name in leaves}
         if kind == "norm":
             axis = next(iter(leaf_owners.values()))
@@ -127,7 +130,8 @@ def cost_table(model: nn.Module, input_shape: tuple[int, ...]) -> CostTable:
             params=tuple(_term(1, leaves[n], leaf_owners[n]) for n in sorted(leaves))))
     counted = {p for p in params if p[:-1] in calls}
     if counted != set(params):
-        raise ValueError(f"parameters outside conv/dense/norm layers: {sorted(set(params) - counted)}")
+        raise ValueError("parameters outside conv/dense/BatchNorm layers: "
+                         f"{sorted(set(params) - counted)}")
     return CostTable(layers=tuple(layers),
                      widths=tuple(models.mask_groups(model).items()))
 

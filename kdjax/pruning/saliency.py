@@ -154,8 +154,8 @@ def prune_to(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
         table = cost_lib.cost_table(model, tuple(input_shape))
         group_of = np.repeat(np.arange(len(groups)), sizes)
         removed = jax.nn.one_hot(jnp.asarray(group_of)[order], len(groups))   # [N, G]
-        start = jnp.stack([jnp.sum(a) for a in jnp.split(alive, np.cumsum(sizes)[:-1])])
-        counts = start - jnp.concatenate([jnp.zeros((1, len(groups))),
+        alive_counts = jnp.stack([jnp.sum(a) for a in jnp.split(alive, np.cumsum(sizes)[:-1])])
+        counts = alive_counts - jnp.concatenate([jnp.zeros((1, len(groups))),
                                           jnp.cumsum(removed, axis=0)])      # [N+1, G]
         macs = cost_lib.counts_cost(table, dict(zip(groups, counts.T)))["macs"]
         steps = jnp.arange(order.shape[0] + 1)
