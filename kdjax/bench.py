@@ -10,6 +10,7 @@ forward = 2·MACs FLOPs per image, a train step = 3× forward (backward ≈ 2× 
 
     python -m kdjax.bench                       # default pairs, batch 64, 32x32x3, 100 classes
     python -m kdjax.bench --pairs resnet56:resnet20 --devices 2 --repeats 30
+    python -m kdjax.bench --conv-profile resnet20   # where a train step's conv time goes
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def parse_args(argv):
                              "0 = kdjax's default (on CPU one device per core, see kdjax.platform)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--conv-profile", metavar="MODEL", default="",
+                        help="instead: time forward, input-gradient and kernel-gradient "
+                             "convolutions at every distinct conv shape of MODEL")
     return parser.parse_args(argv)
 
 
@@ -112,6 +116,47 @@ def bench_pair(teacher_name, student_name, args, mesh) -> list[dict]:
     return rows
 
 
+def conv_profile(model_name: str, args) -> None:
+    """Per distinct 3x3/1x1 conv shape of ``model_name`` (batch ``args.batch``): median time
+    and GFLOP/s of the forward conv and of the two convolutions of its backward pass."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdjax import models
+    from kdjax.pruning.cost import model_cost
+
+    layers = [l for l in model_cost(models.get_model(model_name, args.classes),
+                                    tuple(args.image))["layers"] if l.get("kind") == "conv"]
+    print(f"| conv (out HxW, Cin->Cout, k) | count | fwd ms (GFLOP/s) | d/dinput ms | "
+          f"d/dkernel ms |\n|---|---|---|---|---|")
+    seen = {}
+    for layer in layers:  # kernel k·k·Cin·Cout = params, output H·W = MACs / params
+        cin, cout = layer["in_channels"] or args.image[2], layer["out_channels"]
+        k = round((layer["params"] / (cin * cout)) ** 0.5)
+        side = round((layer["macs"] / layer["params"]) ** 0.5)
+        key = ((side, side), cin, cout, k)
+        seen[key] = seen.get(key, 0) + 1
+    for (hw, cin, cout, k), count in seen.items():
+        pad = k // 2
+        conv = lambda a, w: jax.lax.conv_general_dilated(
+            a, w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, *hw, cin))
+        w = jax.random.normal(jax.random.PRNGKey(1), (k, k, cin, cout))
+        g = jax.random.normal(jax.random.PRNGKey(2), (args.batch, *hw, cout))
+        fns = [jax.jit(conv),
+               jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
+               jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])]
+        flops = 2 * args.batch * hw[0] * hw[1] * k * k * cin * cout
+        cells = []
+        for i, fn in enumerate(fns):
+            call = (lambda f=fn: f(x, w).block_until_ready()) if i == 0 else (
+                lambda f=fn: f(x, w, g).block_until_ready())
+            t = median_seconds(call, args.warmup, args.repeats)
+            cells.append(f"{t * 1e3:.2f} ({flops / t / 1e9:.0f})")
+        print(f"| {hw[0]}x{hw[1]}, {cin}->{cout}, {k}x{k} | {count} | " + " | ".join(cells) + " |",
+              flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.devices:
@@ -124,6 +169,9 @@ def main(argv=None) -> int:
 
     from kdjax.train import sharding
 
+    if args.conv_profile:
+        conv_profile(args.conv_profile, args)
+        return 0
     mesh = sharding.make_mesh(args.devices)
     print(f"# kdjax.bench: batch {args.batch}, image {tuple(args.image)}, {args.classes} classes, "
           f"{mesh.size} {jax.devices()[0].platform} device(s), jax {jax.__version__}, "
