@@ -16,10 +16,10 @@ mask or parameter belongs to it iff some equation consumes it.
 Genomes: one bit per channel of a sub-network's groups, concatenated in group order;
 ``layout(groups)`` gives ``group_index [G]`` (bit -> group id) for ``nsga2.repair``.
 
-Cost: per-layer table rows of ``kdjax.pruning.cost.layer_table`` (``macs``,
-``in_group``/``out_group``, ``in_channels``/``out_channels``). With kept counts
-``k_g = Σ_c m_g[c]`` a layer costs ``MACs · (k_in / C_in) · (k_out / C_out)``
-(factor 1 for an axis no group owns), the convention of ``cost.masked_macs``.
+Cost: ``kdjax.pruning.cost.cost_table`` gives each layer's MACs as a monomial
+``const · Π_g n_g`` in the kept channel counts ``n_g = Σ_c m_g[c]``; the functions below
+evaluate it for masks of some groups only (the others at full width), for a sub-table of
+the layers a sub-network touches, and for all combinations of candidates at once.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kdjax.pruning import cost as cost_lib
 
 PROBE_SHAPE = (32, 32, 3)
 
@@ -134,59 +136,56 @@ def masks_to_genome(masks: dict, groups: dict):
 
 
 # --------------------------------------------------------------------------
-# Cost
+# Cost (on kdjax.pruning.cost.CostTable: MACs = Σ_layers const · Π_{g in term} n_g)
 # --------------------------------------------------------------------------
 
 
-def touching_rows(table: list[dict], groups: dict) -> list[dict]:
-    """Layers whose input or output channels belong to one of ``groups``."""
-    return [r for r in table if r["in_group"] in groups or r["out_group"] in groups]
+def touching(table: cost_lib.CostTable, groups) -> cost_lib.CostTable:
+    """The sub-table of layers whose MACs depend on one of ``groups`` (the layers a
+    sub-network's masks shrink: its own, and the next layer reading its output)."""
+    layers = tuple(l for l in table.layers if set(l.macs.groups) & set(groups))
+    return cost_lib.CostTable(layers=layers, widths=table.widths)
 
 
-def macs_of_rows(rows: list[dict], masks: dict):
-    """Σ_rows MACs · Π_axis (k_g / C) with k_g = Σ_c masks[g][c]; groups absent from
-    ``masks`` count as unpruned. jnp: masks [..., C] give [...] (vmaps, jits)."""
-    total = 0.0
-    for row in rows:
-        factor = float(row["macs"])
-        for group, channels in ((row["in_group"], row["in_channels"]),
-                                (row["out_group"], row["out_channels"])):
-            if group is not None and group in masks:
-                factor = factor * jnp.sum(masks[group], axis=-1) / channels
-        total = total + factor
-    return total
+def kept_counts(table: cost_lib.CostTable, masks: dict) -> dict:
+    """n_g = Σ_c masks[g][c] ([..., C] -> [...]) for groups in ``masks``, the full width
+    C_g for the others."""
+    counts = dict(table.widths)
+    counts.update({g: jnp.sum(jnp.asarray(m, jnp.float32), axis=-1) for g, m in masks.items()})
+    return counts
 
 
-def retained_ratio(rows: list[dict], masks: dict):
-    """Retained MACs ratio of a sub-network: macs_of_rows(rows, masks) / Σ_rows MACs,
-    in (0, 1]; ``rows = touching_rows(table, groups)`` (the layers its masks shrink)."""
-    return macs_of_rows(rows, masks) / float(sum(r["macs"] for r in rows))
+def macs(table: cost_lib.CostTable, masks: dict):
+    """MACs per image under masks of some groups (others unpruned); jnp, vmaps/jits,
+    masks [P, C] give [P]. Equals cost.model_cost(model, shape, masks) for binary masks."""
+    return cost_lib.counts_cost(table, kept_counts(table, masks))["macs"]
 
 
-def combination_macs(table: list[dict], subnet_groups: Sequence[dict],
+def retained_ratio(table: cost_lib.CostTable, masks: dict):
+    """Retained MACs ratio of the layers ``masks`` touch: with T = touching(table, masks),
+    macs(T, masks) / macs(T, {}), in (0, 1]. The objective of a sub-network search."""
+    sub = touching(table, masks)
+    return macs(sub, masks) / cost_lib.counts_cost(sub, dict(table.widths))["macs"]
+
+
+def combination_macs(table: cost_lib.CostTable, subnet_groups: Sequence[dict],
                      kept: Sequence[dict]) -> np.ndarray:
     """Whole-network MACs of every combination of per-sub-network candidates.
 
     kept[s]: {group of sub-network s: int [K_s]} kept channels of its K_s candidates.
     Returns float64 [K_1, ..., K_S]: entry (p_1..p_S) = MACs of the network assembled
-    from candidate p_s of every s (exact: each layer's factors are broadcast along the
-    axes of the sub-networks owning its input and output groups).
+    from candidate p_s of every s (exact: n_g of sub-network s varies along axis s and
+    the cost monomials broadcast).
     """
-    owner = {g: s for s, gs in enumerate(subnet_groups) for g in gs}
     shape = tuple(len(next(iter(k.values()))) for k in kept)
-    total = np.zeros(shape)
-    for row in table:
-        factor = np.float64(row["macs"])
-        for group, channels in ((row["in_group"], row["in_channels"]),
-                                (row["out_group"], row["out_channels"])):
-            if group is None:
-                continue
-            s = owner[group]
-            axis_shape = [1] * len(shape)
-            axis_shape[s] = shape[s]
-            factor = factor * (np.asarray(kept[s][group], np.float64) / channels).reshape(axis_shape)
-        total = total + factor
-    return total
+    counts = {}
+    for s, groups in enumerate(subnet_groups):
+        axis_shape = [1] * len(shape)
+        axis_shape[s] = shape[s]
+        for g in groups:
+            counts[g] = np.asarray(kept[s][g], np.float64).reshape(axis_shape)
+    total = sum(np.asarray(l.macs.value(counts), np.float64) for l in table.layers)
+    return np.broadcast_to(total, shape).copy()
 
 
 # --------------------------------------------------------------------------
@@ -257,16 +256,17 @@ def uniform_masks(groups: dict, keep: float) -> dict:
     return out
 
 
-def uniform_for_budget(table: list[dict], groups: dict, budget: float, iters: int = 40) -> dict:
+def uniform_for_budget(table: cost_lib.CostTable, groups: dict, budget: float,
+                       iters: int = 40) -> dict:
     """Uniform masks with the largest keep fraction whose MACs are ≤ budget (bisection
     on keep ∈ (0, 1]; the per-group rounding makes MACs monotone non-decreasing in keep)."""
-    macs = lambda keep: float(macs_of_rows(table, uniform_masks(groups, keep)))
+    cost = lambda keep: float(macs(table, uniform_masks(groups, keep)))
     lo, hi = 0.0, 1.0
-    if macs(hi) <= budget:
+    if cost(hi) <= budget:
         return uniform_masks(groups, hi)
     for _ in range(iters):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if macs(mid) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
     return uniform_masks(groups, lo)
 
 

@@ -1,0 +1,705 @@
+"""Pipeline ``emo_pms``: EMO joint pruning with multiple sub-networks (Shang et al. 2023).
+
+Stages (artefacts under ``workdir/<method>/``):
+  teacher     — the network to prune: ``config.teacher.checkpoint`` or trained first
+                under ``workdir/teacher`` (reused when finished);
+  split       — cut at ``emo.boundaries`` (default: the stage taps) into sub-networks
+                (kdjax.pruning.split); one feature selector (GAP + Dense) per boundary
+                trained on the frozen unpruned features of the training split;
+  search      — per sub-network NSGA-II over channel bits; objectives (minimised) =
+                (retained MACs ratio of the sub-network, selector CE on its output
+                computed from the UNPRUNED input features of a fixed VALIDATION batch);
+                the whole population is evaluated in one vmapped, jitted call;
+  constraint  — K candidates per sub-network, spread over its final Pareto front, each
+                trained so that g_s(f_{s-1}) ≈ f_s (MSE, unpruned f), all K at once (vmap);
+  GPIR        — Δ_s(p) = validation CE increase of the full network with only sub-network
+                s replaced by candidate p; one candidate per sub-network with the
+                whole-network retained MACs ratio ≤ ``target_flops_ratio`` at min Σ Δ;
+  finetune    — the assembled network is compacted and fine-tuned (CE, or KD from the
+                unpruned network with ``emo.finetune_kd``) in stage ``<method>/finetune``.
+
+Baselines (``emo.method``) share the compaction + fine-tuning path: "uniform" (uniform
+width scaling), "l1" and "taylor" (saliency + ``prune_to`` the MACs budget),
+"whole_nsga2" (one genome for the whole network, objective = the network's own CE, the
+same number of candidate evaluations as the per-sub-network searches together).
+
+Target: retained ratio R = MACs(pruned) / MACs(unpruned) ≤ ``config.target_flops_ratio``,
+MACs per image of every conv and dense layer (kdjax.pruning.cost).
+Writes pareto_<subnet>.json/.png, hypervolume.json/.png, scheme.json, results.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kdjax import losses, models
+from kdjax.data import pipeline as data_pipeline
+from kdjax.evolution import nsga2
+from kdjax.pipelines import common
+from kdjax.pruning import compact as compact_lib
+from kdjax.pruning import cost as cost_lib
+from kdjax.pruning import masks as masks_lib
+from kdjax.pruning import saliency
+from kdjax.pruning import split as split_lib
+from kdjax.train import checkpoint as ckpt_lib
+from kdjax.train import loop
+from kdjax.train.state import make_eval_step
+
+log = logging.getLogger("kdjax")
+
+METHODS = ("emo_pms", "uniform", "l1", "taylor", "whole_nsga2")
+CROSSOVERS = {"uniform": nsga2.uniform_crossover, "one_point": nsga2.one_point_crossover}
+BAD_LOSS = 1e6  # stands in for a diverged (non-finite) fitness
+
+
+class Network(NamedTuple):
+    """The unpruned network and what every method measures it with."""
+
+    model: Any
+    variables: dict
+    table: Any         # cost.CostTable
+    macs: float        # unpruned MACs per image
+    budget: float      # target_flops_ratio · macs
+
+
+# --------------------------------------------------------------------------
+# Small pure helpers
+# --------------------------------------------------------------------------
+
+
+def selector_logits(params, features):
+    """Selector head: GAP (for [B, H, W, C]) + Dense -> [B, K]; ``params`` None = identity
+    (the span ends at the logits)."""
+    if params is None:
+        return features
+    pooled = jnp.mean(features, axis=(1, 2)) if features.ndim == 4 else features
+    return pooled @ params["w"] + params["b"]
+
+
+def selector_loss(params, features, labels):
+    """Mean CE of the selector on features [B, ...] with labels [B]."""
+    return losses.cross_entropy(selector_logits(params, features), labels)
+
+
+def span_io(images, logits, features, subnet):
+    """(input, target) of a sub-network from one unpruned forward pass: input = the tap
+    ``start`` (images when None), target = the tap ``stop`` (logits when None)."""
+    h = images if subnet.start is None else features[subnet.start]
+    target = logits if subnet.stop is None else features[subnet.stop]
+    return h, target
+
+
+def apply_span(model, variables, h, masks, start, stop):
+    """Output of taps (start, stop] of ``model`` (stop None: logits), eval mode."""
+    logits, features = model.apply(variables, h, masks=masks, train=False,
+                                   start=start, stop=stop)
+    return logits if stop is None else features[stop]
+
+
+def with_params(variables, params):
+    """``variables`` with the top-level parameter modules of ``params`` replaced."""
+    return {**variables, "params": {**variables["params"], **params}}
+
+
+def take(tree, i):
+    """Entry ``i`` of a pytree stacked on a leading axis."""
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+# --------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------
+
+
+def validation_arrays(ctx, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` (0: all) validation examples, normalised: (images, labels).
+    Fitness and impairment never see the test split."""
+    source = ctx.splits.validation
+    if source is None:
+        raise ValueError("emo_pms needs a validation split (data.validation_size > 0): "
+                         "fitness and impairment must not be measured on the test split")
+    count = len(source) if count <= 0 else min(count, len(source))
+    batch = next(iter(data_pipeline.eval_batches(source, ctx.config.data,
+                                                 global_batch_size=count)))
+    return batch["image"], batch["label"]
+
+
+def train_batches(ctx, batch_size: int, seed_offset: int):
+    """Endless iterator of training batches {'image', 'label'} (host arrays)."""
+    return data_pipeline.make_train_iterator(
+        ctx.splits.train, ctx.config.data, global_batch_size=batch_size,
+        seed=ctx.config.seed + seed_offset)
+
+
+# --------------------------------------------------------------------------
+# Feature selectors
+# --------------------------------------------------------------------------
+
+
+def train_selectors(net: Network, subnets, batches, steps: int, lr: float,
+                    num_classes: int) -> dict:
+    """One selector per sub-network ending at a tap, trained with Adam on the frozen
+    eval-mode features of the unpruned network: min_θ CE(GAP(f_s) W + b, y).
+    Returns {subnet name: params or None (span ends at the logits)}."""
+    shapes = jax.eval_shape(lambda v, x: net.model.apply(v, x)[1], net.variables,
+                            jax.ShapeDtypeStruct((1, *next(batches)["image"].shape[1:]),
+                                                 jnp.float32))
+    params = {s.name: {"w": jnp.zeros((shapes[s.stop].shape[-1], num_classes)),
+                       "b": jnp.zeros((num_classes,))}
+              for s in subnets if s.stop is not None}
+    tx = optax.adam(lr)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, variables, images, labels):
+        _, feats = net.model.apply(variables, images, train=False)
+        stops = {s.name: s.stop for s in subnets if s.stop is not None}
+
+        def loss_fn(p):
+            per = {n: selector_loss(p[n], feats[stops[n]], labels) for n in p}
+            return sum(per.values()), per
+
+        (_, per), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, per
+
+    per = {}
+    for i in range(steps):
+        batch = next(batches)
+        params, opt_state, per = step(params, opt_state, net.variables,
+                                      batch["image"], batch["label"])
+    if per:
+        log.info("[emo_pms] selectors after %d steps: train CE %s", steps,
+                 {n: round(float(v), 4) for n, v in per.items()})
+    return {s.name: params.get(s.name) for s in subnets}
+
+
+# --------------------------------------------------------------------------
+# Population evaluation and NSGA-II search
+# --------------------------------------------------------------------------
+
+
+def make_evaluator(model, groups: dict, ratio_fn, start, stop, all_groups: dict):
+    """Vectorised fitness ``evaluate(genomes [P, G], variables, selector, h, labels) -> [P, 2]``.
+
+    Candidate i: masks = genome_to_masks(genomes[i]) on ``groups``, ones elsewhere;
+    objectives = (ratio_fn(masks), CE of the selector on the span's output
+    from input h [B, ...]), non-finite losses replaced by BAD_LOSS. One jax.vmap.
+    """
+    ones = {g: jnp.ones((c,), jnp.float32) for g, c in all_groups.items() if g not in groups}
+
+    def one(genome, variables, selector, h, labels):
+        sub = split_lib.genome_to_masks(genome, groups)
+        out = apply_span(model, variables, h, {**ones, **sub}, start, stop)
+        loss = selector_loss(selector, out, labels)
+        loss = jnp.where(jnp.isfinite(loss), loss, BAD_LOSS)
+        return jnp.stack([ratio_fn(sub), loss])
+
+    def evaluate(genomes, variables, selector, h, labels):
+        return jax.vmap(one, in_axes=(0, None, None, None, None))(
+            genomes, variables, selector, h, labels)
+
+    return evaluate
+
+
+_generation = jax.jit(nsga2.generation,
+                      static_argnames=("evaluate_fn", "num_groups", "crossover_fn"))
+
+
+def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generations: int,
+                 label: str, target_ratio: float) -> dict:
+    """NSGA-II over the channel bits of ``groups``; logs one line per generation.
+
+    Returns {'genomes' [P, G], 'objectives' [P, 2], 'hypervolume' [generations + 1],
+    'reference' [2], 'evaluated' [(1 + generations)·P, 2], 'evaluations', 'seconds'}.
+    The hypervolume reference is fixed from the initial population
+    (split.reference_point: (1.05, 1.1 · max initial loss)).
+    """
+    group_index = jnp.asarray(split_lib.layout(groups))
+    num_genes = int(group_index.shape[0])
+    k_init, key = jax.random.split(key)
+    genomes = nsga2.initial_population(k_init, emo.population, num_genes,
+                                       tuple(emo.init_keep_range))
+    # Committed to one device like the evaluation data, so that the jitted generation
+    # sees the same input placement every call (no recompilation after generation 1).
+    genomes = jax.device_put(nsga2.repair(genomes, group_index, len(groups)),
+                             jax.devices()[0])
+    evaluate_jit = jax.jit(evaluate)
+    t0 = time.perf_counter()
+    objectives = evaluate_jit(genomes, *eval_args)
+    evaluated = [np.asarray(objectives)]
+    reference = split_lib.reference_point(evaluated[0])
+    history = [float(nsga2.hypervolume_2d(objectives, reference))]
+    log.info("[emo_pms] %s: %d genes, %d groups, population %d, initial hv %.4f "
+             "(reference %s, first call incl. compile %.1fs)", label, num_genes, len(groups),
+             emo.population, history[0], np.round(reference, 4).tolist(),
+             time.perf_counter() - t0)
+    rate = float(emo.mutation_rate) if emo.mutation_rate > 0 else 1.0 / num_genes
+    seconds = 0.0
+    for gen in range(1, generations + 1):
+        key, k_gen = jax.random.split(key)
+        t0 = time.perf_counter()
+        genomes, objectives = _generation(
+            k_gen, genomes, objectives, evaluate, eval_args=eval_args,
+            group_index=group_index, num_groups=len(groups),
+            crossover_fn=CROSSOVERS[emo.crossover], crossover_prob=float(emo.crossover_prob),
+            mutation_rate=rate)
+        objectives.block_until_ready()
+        elapsed = time.perf_counter() - t0
+        seconds += elapsed
+        evaluated.append(np.asarray(objectives))
+        history.append(float(nsga2.hypervolume_2d(objectives, reference)))
+        obj = np.asarray(objectives)
+        ok = obj[:, 0] <= target_ratio
+        best = f"{obj[ok, 1].min():.4f}" if ok.any() else "none"
+        log.info("[emo_pms] %s gen %d/%d: hv %.4f, best loss at ratio <= %.2f: %s, "
+                 "%.1f evals/s", label, gen, generations, history[-1], target_ratio, best,
+                 emo.population / elapsed)
+    return {"genomes": np.asarray(genomes), "objectives": np.asarray(objectives),
+            "hypervolume": history, "reference": reference.tolist(),
+            "evaluated": np.concatenate(evaluated),
+            "evaluations": emo.population * (generations + 1), "seconds": seconds}
+
+
+def pareto_candidates(search: dict, k: int) -> np.ndarray:
+    """Indices (into the final population) of ≤ k distinct rank-0 genomes spread over
+    the MACs axis (split.spread_indices)."""
+    ranks = np.asarray(nsga2.non_dominated_rank(jnp.asarray(search["objectives"])))
+    front = np.flatnonzero(ranks == 0)
+    _, first = np.unique(search["genomes"][front], axis=0, return_index=True)
+    front = front[np.sort(first)]
+    return front[split_lib.spread_indices(search["objectives"][front, 0], k)]
+
+
+# --------------------------------------------------------------------------
+# Cross-network constraint training and impairment (vmapped over K candidates)
+# --------------------------------------------------------------------------
+
+
+def constraint_train(net: Network, subnet, cand_masks: dict, batches, steps: int,
+                     lr: float) -> dict:
+    """Train K pruned copies of a sub-network at once: for each candidate k,
+    min_θ ‖g_s(f_{s-1}; θ_k, m_k) − f_s‖² / numel, f from the unpruned network (eval
+    mode) on training batches; SGD(momentum 0.9, cosine from ``lr``), no weight decay,
+    BN statistics frozen (eval mode), so an all-ones candidate stays exactly unpruned.
+
+    cand_masks: {group of the subnet: [K, C]}. Returns the trained parameter modules of
+    the sub-network stacked on a leading axis K: {module: pytree [K, ...]}.
+    """
+    model, variables = net.model, net.variables
+    ones = {g: jnp.ones((c,), jnp.float32) for g, c in models.mask_groups(model).items()
+            if g not in subnet.groups}
+    num = next(iter(cand_masks.values())).shape[0]
+    own = {m: variables["params"][m] for m in subnet.modules}
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (num, *a.shape)), own)
+    tx = optax.sgd(optax.cosine_decay_schedule(lr, max(steps, 1)), momentum=0.9)
+    opt_state = jax.vmap(tx.init)(stacked)
+
+    def loss_one(params, masks, variables, h, target):
+        out = apply_span(model, with_params(variables, params), h, {**ones, **masks},
+                         subnet.start, subnet.stop)
+        return jnp.mean(jnp.square(out - target))
+
+    @jax.jit
+    def step(stacked, opt_state, variables, images):
+        # The unpruned forward only up to the sub-network's output tap.
+        logits, feats = model.apply(variables, images, train=False, stop=subnet.stop)
+        h, target = span_io(images, logits, feats, subnet)
+
+        def one(params, opt, masks):
+            loss, grads = jax.value_and_grad(loss_one)(params, masks, variables, h, target)
+            updates, opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), opt, loss
+
+        return jax.vmap(one)(stacked, opt_state, cand_masks)
+
+    for i in range(steps):
+        stacked, opt_state, mse = step(stacked, opt_state, variables, next(batches)["image"])
+        if i == 0 or i + 1 == steps or (i + 1) % 100 == 0:
+            log.info("[emo_pms] %s constraint step %d/%d: MSE per candidate %s", subnet.name,
+                     i + 1, steps, np.round(np.asarray(mse), 5).tolist())
+    return stacked
+
+
+def impairments(net: Network, subnet, stacked_params: dict, cand_masks: dict,
+                images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Δ_s(p) [K]: mean validation CE of the full network with only sub-network s
+    replaced by candidate p (its masks and parameters), minus that of the unpruned
+    network on the same examples.
+
+    The unpruned network is evaluated as an extra candidate 0 of the same vmapped call
+    (one compilation), batches are padded to ``batch_size`` with zero weight, and the
+    unpruned prefix up to ``subnet.start`` is computed once per batch.
+    """
+    model, variables = net.model, net.variables
+    ones = {g: jnp.ones((c,), jnp.float32) for g, c in models.mask_groups(model).items()
+            if g not in subnet.groups}
+    base_params = {m: variables["params"][m] for m in subnet.modules}
+    base_masks = {g: jnp.ones((c,), jnp.float32) for g, c in subnet.groups.items()}
+    stacked = jax.tree.map(lambda b, c: jnp.concatenate([b[None], c]), base_params,
+                           stacked_params)
+    masks = jax.tree.map(lambda b, c: jnp.concatenate([b[None], c]), base_masks, cand_masks)
+
+    @jax.jit
+    def batch_ce(variables, stacked, masks, x, y, w):
+        h = x if subnet.start is None else model.apply(
+            variables, x, stop=subnet.start)[1][subnet.start]
+
+        def one(params, m):
+            logits = apply_span(model, with_params(variables, params), h, {**ones, **m},
+                                subnet.start, None)
+            return jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+        return jax.vmap(one)(stacked, masks)
+
+    total = np.zeros(1 + len(next(iter(cand_masks.values()))))
+    for i in range(0, len(labels), batch_size):
+        x, y = images[i:i + batch_size], labels[i:i + batch_size]
+        pad = batch_size - len(y)
+        w = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
+        x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+        y = np.concatenate([y, np.repeat(y[:1], pad)])
+        total += np.asarray(batch_ce(variables, stacked, masks, x, y, w), np.float64)
+    mean = total / len(labels)
+    return mean[1:] - mean[0]
+
+
+# --------------------------------------------------------------------------
+# Methods: each returns (masks {group: [C]}, params override {module: ...}, info)
+# --------------------------------------------------------------------------
+
+
+def search_emo_pms(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
+    """Split → selectors → per-sub-network NSGA-II → constraint training → GPIR."""
+    config, emo = ctx.config, ctx.config.emo
+    model = net.model
+    boundaries = tuple(emo.boundaries) or split_lib.default_boundaries(model)
+    subnets = split_lib.split(model, boundaries, ctx.input_shape)
+    all_groups = models.mask_groups(model)
+    log.info("[emo_pms] sub-networks: %s", [(s.name, len(s.groups), sum(s.groups.values()))
+                                            for s in subnets])
+    selectors = train_selectors(net, subnets, train_batches(ctx, emo.batch_size, 11),
+                                emo.selector_steps, emo.selector_lr, ctx.num_classes)
+    images, labels = validation_arrays(ctx, emo.eval_batch)
+    full_fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    logits, feats = full_fwd(net.variables, images)
+    key = jax.random.PRNGKey(config.seed)
+    searches, chosen_sets = {}, []
+    for s_index, sub in enumerate(subnets):
+        ratio_fn = functools.partial(split_lib.retained_ratio, net.table)
+        evaluate = make_evaluator(model, sub.groups, ratio_fn, sub.start, sub.stop, all_groups)
+        h, _ = span_io(images, logits, feats, sub)
+        search = nsga2_search(jax.random.fold_in(key, s_index), evaluate,
+                              (net.variables, selectors[sub.name], h, labels), sub.groups,
+                              emo, generations=emo.generations, label=sub.name,
+                              target_ratio=config.target_flops_ratio)
+        picks = pareto_candidates(search, emo.candidates_per_subnet)
+        search["candidates"] = picks
+        searches[sub.name] = search
+        write_pareto(out_dir, sub.name, search)
+    write_hypervolume(out_dir, searches)
+
+    val_images, val_labels = validation_arrays(ctx, emo.impairment_examples)
+    per_subnet = []
+    for s_index, sub in enumerate(subnets):
+        search = searches[sub.name]
+        genomes = search["genomes"][search["candidates"]]
+        cand_masks = split_lib.genome_to_masks(jnp.asarray(genomes), sub.groups)
+        trained = constraint_train(net, sub, cand_masks, train_batches(ctx, emo.batch_size,
+                                                                       100 + s_index),
+                                   emo.constraint_steps, emo.constraint_lr)
+        delta = impairments(net, sub, trained, cand_masks, val_images, val_labels,
+                            emo.eval_batch)
+        log.info("[emo_pms] %s candidates: ratio %s, selector loss %s, impairment %s",
+                 sub.name, np.round(search["objectives"][search["candidates"], 0], 3).tolist(),
+                 np.round(search["objectives"][search["candidates"], 1], 4).tolist(),
+                 np.round(delta, 4).tolist())
+        per_subnet.append({"subnet": sub, "masks": cand_masks, "params": trained,
+                           "delta": delta})
+
+    kept = [{g: np.asarray(jnp.sum(p["masks"][g], axis=-1)).astype(int)
+             for g in p["subnet"].groups} for p in per_subnet]
+    grid = split_lib.combination_macs(net.table, [s.groups for s in subnets], kept)
+    combo, total_delta = split_lib.gpir_select([p["delta"] for p in per_subnet], grid,
+                                               net.budget)
+    masks = masks_lib.ones_masks(model)
+    params = {}
+    for p, k in zip(per_subnet, combo):
+        masks.update(take(p["masks"], k))
+        params.update(take(p["params"], k))
+    info = {
+        "subnets": [{
+            "name": p["subnet"].name, "start": p["subnet"].start, "stop": p["subnet"].stop,
+            "groups": p["subnet"].groups, "modules": list(p["subnet"].modules),
+            "chosen": int(k),
+            "candidates": [{"retained_ratio": float(searches[p["subnet"].name]["objectives"][i, 0]),
+                            "selector_loss": float(searches[p["subnet"].name]["objectives"][i, 1]),
+                            "impairment": float(p["delta"][j]),
+                            "kept": {g: int(kept[s][g][j]) for g in p["subnet"].groups}}
+                           for j, i in enumerate(searches[p["subnet"].name]["candidates"])],
+        } for s, (p, k) in enumerate(zip(per_subnet, combo))],
+        "gpir": {"combination": list(combo), "total_impairment": total_delta,
+                 "combination_macs": float(grid[combo]),
+                 "feasible_combinations": int((grid <= net.budget * (1 + 1e-9)).sum()),
+                 "combinations": int(grid.size)},
+        "evaluations": int(sum(s["evaluations"] for s in searches.values())),
+        "search_seconds": float(sum(s["seconds"] for s in searches.values())),
+    }
+    return masks, params, info
+
+
+def search_whole_nsga2(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
+    """One genome over every group; objectives = (whole-network retained ratio, the
+    network's own CE on the fitness batch); generations chosen so that the number of
+    evaluations equals the per-sub-network searches' total: P·(1 + g_w) = S·P·(1 + g)."""
+    config, emo, model = ctx.config, ctx.config.emo, net.model
+    target = net.budget / net.macs
+    boundaries = tuple(emo.boundaries) or split_lib.default_boundaries(model)
+    num_subnets = len(split_lib.split(model, boundaries, ctx.input_shape))
+    generations = num_subnets * (emo.generations + 1) - 1
+    groups = models.mask_groups(model)
+    images, labels = validation_arrays(ctx, emo.eval_batch)
+    ratio_fn = lambda masks: split_lib.macs(net.table, masks) / net.macs
+    evaluate = make_evaluator(model, groups, ratio_fn, None, None, groups)
+    search = nsga2_search(jax.random.PRNGKey(config.seed), evaluate,
+                          (net.variables, None, images, labels), groups, emo,
+                          generations=generations, label="whole",
+                          target_ratio=target)
+    obj = search["objectives"]
+    exact = [cost_lib.model_cost(model, ctx.input_shape,
+                                 split_lib.genome_to_masks(jnp.asarray(g), groups))["macs"]
+             for g in search["genomes"]]
+    ok = np.flatnonzero(np.asarray(exact) <= net.budget)
+    if not len(ok):
+        raise ValueError(f"whole_nsga2: no individual of the final population meets "
+                         f"target_flops_ratio={config.target_flops_ratio} (smallest ratio "
+                         f"{obj[:, 0].min():.3f}); lower emo.init_keep_range or add generations")
+    best = int(ok[np.argmin(obj[ok, 1])])
+    search["candidates"] = np.array([best])
+    write_pareto(out_dir, "whole", search)
+    write_hypervolume(out_dir, {"whole": search})
+    masks = split_lib.genome_to_masks(jnp.asarray(search["genomes"][best]), groups)
+    return masks, {}, {"chosen": {"retained_ratio": float(obj[best, 0]),
+                                  "loss": float(obj[best, 1])},
+                       "generations": generations, "evaluations": search["evaluations"],
+                       "search_seconds": search["seconds"]}
+
+
+def search_saliency(ctx, net: Network, kind: str) -> tuple[dict, dict, dict]:
+    """L1 (Σ|w| of producing filters) or Taylor (|∂CE/∂m| summed over training batches)
+    scores, then saliency.prune_to the MACs budget."""
+    model, variables = net.model, net.variables
+    ones = masks_lib.ones_masks(model)
+    if kind == "l1":
+        scores = saliency.l1_scores(model, variables["params"])
+    else:
+        @jax.jit
+        def batch_scores(variables, images, labels):
+            loss = lambda m: losses.cross_entropy(
+                model.apply(variables, images, masks=m, train=False)[0], labels)
+            return saliency.taylor_scores(loss, ones)
+
+        batches = train_batches(ctx, ctx.config.emo.batch_size, 7)
+        scores = jax.tree.map(jnp.zeros_like, ones)
+        for _ in range(ctx.config.emo.taylor_batches):
+            batch = next(batches)
+            scores = jax.tree.map(jnp.add, scores,
+                                  batch_scores(variables, batch["image"], batch["label"]))
+    masks = saliency.prune_to(scores, ones, macs_target=net.budget, model=model,
+                              input_shape=ctx.input_shape)
+    return masks, {}, {"scores": kind}
+
+
+def search_uniform(ctx, net: Network) -> tuple[dict, dict, dict]:
+    """The same fraction of every group kept, the largest one meeting the budget."""
+    masks = split_lib.uniform_for_budget(net.table, models.mask_groups(net.model), net.budget)
+    return masks, {}, {}
+
+
+# --------------------------------------------------------------------------
+# Artefacts
+# --------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_pareto(out_dir, name: str, search: dict) -> None:
+    """pareto_<name>.json (final population, front, candidates, all evaluations) and .png."""
+    obj = search["objectives"]
+    ranks = np.asarray(nsga2.non_dominated_rank(jnp.asarray(obj)))
+    front = np.flatnonzero(ranks == 0)
+    ckpt_lib.save_json(out_dir / f"pareto_{name}.json", {
+        "objectives": ["retained_macs_ratio", "selector_loss"],
+        "population": obj.tolist(), "rank": ranks.tolist(), "front": front.tolist(),
+        "front_genomes": [np.flatnonzero(~g).tolist() for g in search["genomes"][front]],
+        "candidates": np.asarray(search.get("candidates", [])).tolist(),
+        "evaluated": search["evaluated"].tolist(), "reference": search["reference"]})
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ev = search["evaluated"]
+    ax.scatter(ev[:, 0], ev[:, 1], s=6, c="0.75", label="evaluated")
+    ax.scatter(obj[:, 0], obj[:, 1], s=14, c="tab:blue", label="final population")
+    order = front[np.argsort(obj[front, 0])]
+    ax.plot(obj[order, 0], obj[order, 1], "o-", c="tab:red", ms=5, label="Pareto front")
+    cand = np.asarray(search.get("candidates", []), int)
+    if len(cand):
+        ax.scatter(obj[cand, 0], obj[cand, 1], marker="x", s=60, c="k", label="candidates")
+    ax.set(xlabel="retained MACs ratio", ylabel="selector CE", title=f"Pareto front: {name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"pareto_{name}.png", dpi=100)
+    plt.close(fig)
+
+
+def write_hypervolume(out_dir, searches: dict) -> None:
+    """hypervolume.json ({search: {'reference', 'per_generation'}}) and hypervolume.png."""
+    ckpt_lib.save_json(out_dir / "hypervolume.json", {
+        n: {"reference": s["reference"], "per_generation": s["hypervolume"]}
+        for n, s in searches.items()})
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for n, s in searches.items():
+        ax.plot(range(len(s["hypervolume"])), s["hypervolume"], marker=".", label=n)
+    ax.set(xlabel="generation", ylabel="hypervolume", title="NSGA-II hypervolume")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "hypervolume.png", dpi=100)
+    plt.close(fig)
+
+
+def scheme(net: Network, masks: dict, small_model, input_shape) -> dict:
+    """Per-group widths and per-layer widths/MACs of the pruned network."""
+    groups = models.mask_groups(net.model)
+    kept = masks_lib.count_kept(masks)
+    pruned = cost_lib.model_cost(small_model, input_shape)["layers"]
+    full = cost_lib.model_cost(net.model, input_shape)["layers"]
+    return {"groups": {g: {"channels": c, "kept": kept[g]} for g, c in groups.items()},
+            "layers": [{**l, "unpruned_in_channels": u["in_channels"],
+                        "unpruned_out_channels": u["out_channels"],
+                        "unpruned_macs": u["macs"], "unpruned_params": u["params"]}
+                       for l, u in zip(pruned, full)]}
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+def evaluate_model(ctx, model, variables) -> dict:
+    """{'validation', 'test'}: top-1 / loss of a model (the trainer's sharded evaluation,
+    compiled once for both splits)."""
+    step = loop.compile_eval_step(make_eval_step(model), ctx.mesh)
+    return {split: loop.evaluate(step, variables, source, ctx.config.data,
+                                 ctx.config.train.eval_batch_size, ctx.mesh)
+            for split, source in (("validation", ctx.splits.validation),
+                                  ("test", ctx.splits.test))}
+
+
+def prepare(ctx) -> tuple[Network, dict]:
+    """The unpruned network (trained or loaded), its cost table and the MACs budget."""
+    ratio = float(ctx.config.target_flops_ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"target_flops_ratio must be in (0, 1], got {ratio}")
+    model, variables, teacher_results = common.obtain_teacher(ctx)
+    # The search runs on one device (populations are vmapped, not sharded); the trainer's
+    # replicated copies would otherwise clash with single-device data.
+    variables = jax.device_put(variables, jax.devices()[0])
+    table = cost_lib.cost_table(model, tuple(ctx.input_shape))
+    macs = float(cost_lib.counts_cost(table, dict(table.widths))["macs"])
+    return Network(model, variables, table, macs, ratio * macs), teacher_results
+
+
+def run(config, workdir) -> dict:
+    """Teacher → search (``emo.method``) → compact → fine-tune; writes
+    ``workdir/<method>/results.json`` and returns it."""
+    emo = config.emo
+    if emo.method not in METHODS:
+        raise ValueError(f"unknown emo.method {emo.method!r}; valid: {', '.join(METHODS)}")
+    if emo.crossover not in CROSSOVERS:
+        raise ValueError(f"unknown emo.crossover {emo.crossover!r}; valid: {sorted(CROSSOVERS)}")
+    ctx = common.setup(config, workdir)
+    net, teacher_results = prepare(ctx)
+    out_dir = ctx.workdir / emo.method
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if emo.method == "emo_pms":
+        masks, params, info = search_emo_pms(ctx, net, out_dir)
+    elif emo.method == "whole_nsga2":
+        masks, params, info = search_whole_nsga2(ctx, net, out_dir)
+    elif emo.method in ("l1", "taylor"):
+        masks, params, info = search_saliency(ctx, net, emo.method)
+    else:
+        masks, params, info = search_uniform(ctx, net)
+    info["seconds"] = time.perf_counter() - t0
+    return finish(ctx, net, masks, with_params(net.variables, params), info, teacher_results,
+                  out_dir)
+
+
+def finish(ctx, net: Network, masks: dict, variables: dict, info: dict,
+           teacher_results: dict, out_dir) -> dict:
+    """Compact, evaluate before/after fine-tuning, write scheme.json and results.json."""
+    config, emo = ctx.config, ctx.config.emo
+    shape = ctx.input_shape
+    small_model, small_vars = compact_lib.compact(net.model, variables, masks)
+    dense, pruned = cost_lib.model_cost(net.model, shape), cost_lib.model_cost(small_model, shape)
+    ratio = pruned["macs"] / dense["macs"]
+    if pruned["macs"] > net.budget * (1 + 1e-9):
+        raise RuntimeError(f"pruned MACs {pruned['macs']:,} exceed the budget "
+                           f"{net.budget:,.0f} (ratio {ratio:.4f})")
+    kept = masks_lib.count_kept(masks)
+    ckpt_lib.save_json(out_dir / "scheme.json", {"method": emo.method, "search": info,
+                                                 **scheme(net, masks, small_model, shape)})
+    log.info("[emo_pms] %s: MACs %.2fM -> %.2fM (ratio %.4f, target %.2f), params %d -> %d",
+             emo.method, dense["macs"] / 1e6, pruned["macs"] / 1e6, ratio,
+             config.target_flops_ratio, dense["params"], pruned["params"])
+    unpruned = evaluate_model(ctx, net.model, net.variables)
+    before = evaluate_model(ctx, small_model, small_vars)
+    kd = emo.finetune_kd
+    objective = (common.kd_objective(emo.kd_temperature, emo.kd_ce_weight, emo.kd_weight)
+                 if kd else common.supervised_objective)
+    name = teacher_results.get("model", config.teacher.name)
+    _, finetune = common.run_stage(
+        ctx, f"{emo.method}/finetune", name, emo.finetune, objective,
+        teacher=(net.model, net.variables) if kd else None, widths=kept, model=small_model,
+        initial_variables=small_vars)
+    results = {
+        "method": emo.method, "model": name, "target_flops_ratio": config.target_flops_ratio,
+        "unpruned": {"macs": dense["macs"], "params": dense["params"],
+                     "test_top1": unpruned["test"]["top1"],
+                     "validation_top1": unpruned["validation"]["top1"]},
+        "pruned": {"macs": pruned["macs"], "params": pruned["params"],
+                   "retained_macs_ratio": ratio,
+                   "macs_removed_pct": 100.0 * (1 - ratio),
+                   "params_removed_pct": 100.0 * (1 - pruned["params"] / dense["params"]),
+                   "widths": kept},
+        "before_finetune": {"test_top1": before["test"]["top1"],
+                            "validation_top1": before["validation"]["top1"]},
+        "after_finetune": {"test_top1": finetune["test_top1_last"],
+                           "test_top1_at_best_val": finetune["test_top1_at_best_val"]},
+        "finetune": finetune, "teacher": teacher_results,
+        "search_seconds": info.get("seconds"),
+    }
+    ckpt_lib.save_json(out_dir / "results.json", results)
+    summary = (f"{emo.method}: {name} MACs {dense['macs'] / 1e6:.2f}M -> "
+               f"{pruned['macs'] / 1e6:.2f}M ({100 * (1 - ratio):.1f}% removed), params "
+               f"{dense['params']:,} -> {pruned['params']:,}; test top-1 unpruned "
+               f"{unpruned['test']['top1']:.2f}, pruned {before['test']['top1']:.2f} -> "
+               f"{finetune['test_top1_last']:.2f} after fine-tuning")
+    log.info("[emo_pms] %s", summary)
+    print(summary, flush=True)
+    return results

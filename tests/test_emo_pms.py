@@ -1,0 +1,248 @@
+"""EMO-PMS: sub-network split, retained-MACs objective, vmapped fitness, impairment,
+GPIR selection, and a few-step end-to-end run (plus the baselines) on synthetic data."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import config_lib, models
+from kdjax.pipelines import common, emo_pms
+from kdjax.pruning import cost as cost_lib
+from kdjax.pruning import split as split_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHAPE = (16, 16, 3)
+
+
+def load_config(preset="demo"):
+    spec = importlib.util.spec_from_file_location("cfg_emo", REPO / "configs" / "emo_pms.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset)
+    config.unlock()
+    return config
+
+
+def random_masks(groups, rng, low=0.2):
+    """Binary masks with ≥ 1 kept channel per group."""
+    out = {}
+    for g, c in groups.items():
+        m = rng.random(c) < rng.uniform(low, 1.0)
+        m[rng.integers(c)] = True
+        out[g] = jnp.asarray(m, jnp.float32)
+    return out
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet8x4", "vgg8"])
+def test_split_covers_every_group_once(name):
+    model = models.get_model(name, 10)
+    subnets = split_lib.split(model, split_lib.default_boundaries(model), SHAPE)
+    seen = [g for s in subnets for g in s.groups]
+    assert sorted(seen) == sorted(models.mask_groups(model)) and len(seen) == len(set(seen))
+    modules = [m for s in subnets for m in s.modules]
+    assert len(modules) == len(set(modules))
+    # Producer rule: the stem (or the coupled stage1 stream) belongs to the first subnet,
+    # and a stream's consumer in the next stage does not steal it.
+    first = subnets[0].groups
+    assert ("stem" in first) if "stem" in models.mask_groups(model) else True
+    for s, sub in enumerate(subnets, start=1):
+        assert all(g.startswith(f"stage{s}") for g in sub.groups if g != "stem")
+    assert [len(s) for s in split_lib.split_groups(model, ("stage2",), SHAPE)] \
+        == [len([g for g in models.mask_groups(model) if g == "stem" or g[:6] in ("stage1", "stage2")]),
+            len([g for g in models.mask_groups(model) if g[:6] not in ("stem", "stage1", "stage2")])]
+
+
+def test_split_rejects_bad_boundaries():
+    model = models.get_model("resnet8", 10)
+    with pytest.raises(ValueError, match="not taps"):
+        split_lib.split(model, ("stage9",), SHAPE)
+    with pytest.raises(ValueError, match="forward order"):
+        split_lib.split(model, ("stage2", "stage1"), SHAPE)
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "vgg8"])
+def test_retained_macs_matches_cost_model(name):
+    model = models.get_model(name, 10)
+    table = cost_lib.cost_table(model, SHAPE)
+    full = cost_lib.model_cost(model, SHAPE)["macs"]
+    rng = np.random.default_rng(0)
+    subnets = split_lib.split(model, split_lib.default_boundaries(model), SHAPE)
+    for _ in range(3):
+        masks = random_masks(models.mask_groups(model), rng)
+        expected = cost_lib.model_cost(model, SHAPE, masks)["macs"]
+        np.testing.assert_allclose(float(split_lib.macs(table, masks)), expected, rtol=1e-6)
+        for sub in subnets:  # only this subnet masked: ratio of its layers, rest unchanged
+            own = {g: masks[g] for g in sub.groups}
+            affected = float(split_lib.macs(split_lib.touching(table, sub.groups), {}))
+            ratio = split_lib.retained_ratio(table, own)
+            ones = {g: jnp.ones(c) for g, c in models.mask_groups(model).items()}
+            exact = cost_lib.model_cost(model, SHAPE, {**ones, **own})["macs"]
+            np.testing.assert_allclose(full - affected + float(ratio) * affected, exact,
+                                       rtol=1e-6)
+            pop = {g: jnp.stack([m, jnp.ones_like(m)]) for g, m in own.items()}
+            np.testing.assert_allclose(split_lib.retained_ratio(table, pop), [ratio, 1.0],
+                                       rtol=1e-6)
+
+
+def test_combination_macs_is_exact():
+    model = models.get_model("resnet8x4", 10)
+    table = cost_lib.cost_table(model, SHAPE)
+    subnets = split_lib.split_groups(model, ("stage1", "stage2", "stage3"), SHAPE)
+    rng = np.random.default_rng(1)
+    cands = [[random_masks(gs, rng) for _ in range(2)] for gs in subnets]
+    kept = [{g: np.array([int(c[g].sum()) for c in cs]) for g in gs}
+            for gs, cs in zip(subnets, cands)]
+    grid = split_lib.combination_macs(table, subnets, kept)
+    assert grid.shape == (2, 2, 2)
+    for combo in np.ndindex(grid.shape):
+        masks = {g: m for cs, k in zip(cands, combo) for g, m in cs[k].items()}
+        assert grid[combo] == pytest.approx(cost_lib.model_cost(model, SHAPE, masks)["macs"])
+
+
+def test_gpir_matches_brute_force_and_errors_when_infeasible():
+    rng = np.random.default_rng(2)
+    for trial in range(20):
+        shape = tuple(rng.integers(1, 5, size=3))
+        deltas = [rng.normal(size=k) for k in shape]
+        macs = rng.uniform(1.0, 10.0, size=shape)
+        budget = float(np.quantile(macs, 0.4))
+        combo, total = split_lib.gpir_select(deltas, macs, budget)
+        ref_combo, ref_total = split_lib.brute_force_select(deltas, macs, budget)
+        assert total == pytest.approx(ref_total) and combo == tuple(ref_combo)
+        assert macs[combo] <= budget
+    with pytest.raises(ValueError, match="candidates_per_subnet"):
+        split_lib.gpir_select([np.zeros(2), np.zeros(3)], np.full((2, 3), 5.0), 4.0)
+
+
+def test_spread_indices_cover_the_range():
+    values = np.array([0.9, 0.2, 0.5, 0.21, 1.0, 0.55])
+    idx = split_lib.spread_indices(values, 3)
+    assert len(set(idx.tolist())) == 3 and values[idx].min() == 0.2 and values[idx].max() == 1.0
+    assert len(split_lib.spread_indices(values[:2], 5)) == 2
+
+
+def tiny_network(name="resnet8"):
+    model = models.get_model(name, 10)
+    variables = common.init_variables(model, SHAPE, 0)
+    table = cost_lib.cost_table(model, SHAPE)
+    macs = float(split_lib.macs(table, {}))
+    return emo_pms.Network(model, variables, table, macs, 0.5 * macs)
+
+
+def test_population_evaluation_equals_single_evaluations():
+    net = tiny_network()
+    sub = split_lib.split(net.model, ("stage1", "stage2", "stage3"), SHAPE)[1]
+    groups = sub.groups
+    ratio_fn = lambda m: split_lib.retained_ratio(net.table, m)
+    evaluate = emo_pms.make_evaluator(net.model, groups, ratio_fn, sub.start, sub.stop,
+                                      models.mask_groups(net.model))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(8, *SHAPE)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 8))
+    h = net.model.apply(net.variables, x, stop=sub.start)[1][sub.start]
+    c = h.shape[-1] if sub.stop is None else net.model.apply(
+        net.variables, h, start=sub.start, stop=sub.stop)[1][sub.stop].shape[-1]
+    selector = {"w": jnp.asarray(rng.normal(size=(c, 10)), jnp.float32),
+                "b": jnp.zeros(10)}
+    genomes = jnp.asarray(rng.random((4, len(split_lib.layout(groups)))) < 0.6)
+    genomes = genomes.at[0].set(True)
+    batched = np.asarray(jax.jit(evaluate)(genomes, net.variables, selector, h, labels))
+    ones = {g: jnp.ones(c) for g, c in models.mask_groups(net.model).items()}
+
+    @jax.jit
+    def reference(genome):  # no vmap: the model on one candidate's masks
+        masks = split_lib.genome_to_masks(genome, groups)
+        out = net.model.apply(net.variables, h, masks={**ones, **masks}, start=sub.start,
+                              stop=sub.stop)[1][sub.stop]
+        return emo_pms.selector_loss(selector, out, labels), split_lib.retained_ratio(
+            net.table, masks)
+
+    for i in range(len(genomes)):
+        loss, ratio = reference(genomes[i])
+        np.testing.assert_allclose(batched[i], [ratio, loss], rtol=1e-5, atol=1e-6)
+    assert batched[0, 0] == pytest.approx(1.0)
+
+
+def test_all_ones_candidate_has_zero_impairment():
+    net = tiny_network()
+    sub = split_lib.split(net.model, ("stage1", "stage2", "stage3"), SHAPE)[1]
+    rng = np.random.default_rng(4)
+    batches = iter([{"image": rng.normal(size=(8, *SHAPE)).astype(np.float32)}] * 3)
+    cand = {g: jnp.stack([jnp.ones(c), jnp.asarray(rng.random(c) < 0.5, jnp.float32)
+                          .at[0].set(1.0)])
+            for g, c in sub.groups.items()}
+    trained = emo_pms.constraint_train(net, sub, cand, batches, steps=3, lr=0.05)
+    # The unpruned candidate reproduces f_s exactly: zero loss, zero gradient, unchanged.
+    for a, b in zip(jax.tree.leaves(emo_pms.take(trained, 0)),
+                    jax.tree.leaves({m: net.variables["params"][m] for m in sub.modules})):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+    images = rng.normal(size=(12, *SHAPE)).astype(np.float32)
+    labels = rng.integers(0, 10, 12)
+    delta = emo_pms.impairments(net, sub, trained, cand, images, labels, batch_size=5)
+    assert delta.shape == (2,)
+    assert abs(delta[0]) < 1e-5 and abs(delta[1]) > 1e-4
+
+
+def tiny_config(method="emo_pms"):
+    config = config_lib.synthetic(load_config("demo"), steps=2)
+    config.data.synthetic_shape = SHAPE
+    config.teacher.name = "resnet8"
+    config.teacher.optim = config_lib.optim(epochs=1, batch_size=64, lr=0.05)
+    config.emo.update(dict(method=method, population=8, generations=2,
+                           candidates_per_subnet=3, eval_batch=32, impairment_examples=48,
+                           batch_size=32, selector_steps=3, constraint_steps=2,
+                           taylor_batches=1, boundaries=("stage2",)))
+    config.emo.finetune = config_lib.optim(epochs=1, batch_size=64, lr=0.01)
+    config.target_flops_ratio = 0.6
+    return config
+
+
+def test_end_to_end_synthetic(tmp_path):
+    """Two sub-networks: input→stage2 (selector head) and stage2→logits (the net's head)."""
+    config = tiny_config()
+    results = emo_pms.run(config, tmp_path)
+    out = tmp_path / "emo_pms"
+    for name in ("results.json", "scheme.json", "hypervolume.json", "hypervolume.png",
+                 "pareto_input-stage2.json", "pareto_input-stage2.png",
+                 "pareto_stage2-logits.json", "pareto_stage2-logits.png"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["pruned"]["retained_macs_ratio"] <= 0.6 + 1e-9
+    small = models.get_model("resnet8", 10, saved["pruned"]["widths"])
+    macs = cost_lib.model_cost(small, SHAPE)["macs"]
+    assert macs == results["pruned"]["macs"] <= 0.6 * results["unpruned"]["macs"]
+    hv = json.loads((out / "hypervolume.json").read_text())
+    assert len(hv) == 2 and all(len(v["per_generation"]) == 3 for v in hv.values())
+    scheme = json.loads((out / "scheme.json").read_text())
+    assert len(scheme["search"]["subnets"]) == 2
+    assert results["finetune"]["steps"] == 2
+    for key in ("unpruned", "before_finetune", "after_finetune"):
+        assert 0.0 <= saved[key]["test_top1"] <= 100.0
+
+
+@pytest.mark.parametrize("method", ["uniform", "l1", "taylor", "whole_nsga2"])
+def test_baselines_meet_the_target(method, tmp_path):
+    """Each baseline's masks meet the MACs budget (the shared compaction + fine-tuning
+    path is covered by the end-to-end test)."""
+    config = tiny_config(method)
+    ctx = common.setup(config, tmp_path)
+    net = tiny_network()
+    if method == "whole_nsga2":
+        masks, _, info = emo_pms.search_whole_nsga2(ctx, net, tmp_path)
+        assert info["evaluations"] == 2 * 8 * 3  # = 2 sub-networks x P x (1 + generations)
+        assert (tmp_path / "pareto_whole.png").exists()
+    elif method == "uniform":
+        masks, _, _ = emo_pms.search_uniform(ctx, net)
+    else:
+        masks, _, _ = emo_pms.search_saliency(ctx, net, method)
+    macs = cost_lib.model_cost(net.model, SHAPE, masks)["macs"]
+    assert macs <= net.budget
+    assert all(int(np.sum(m)) >= 1 for m in masks.values())
+    if method == "uniform":  # keeping one more channel per group would break the budget
+        ratios = {g: float(np.mean(m)) for g, m in masks.items()}
+        assert max(ratios.values()) - min(ratios.values()) < 0.15
