@@ -96,25 +96,34 @@ def _check_augment(augment: str) -> None:
                      f"{', '.join(VALID_AUGMENTATIONS)}")
 
 
-class _TrainBatch:
-  """Global step -> this process's augmented, normalised training batch."""
+class _SplitReader:
+  """This process's slice of global batches of a split: shared state of the readers."""
 
-  def __init__(self, source, data_cfg, global_batch_size, seed, process_index,
+  def __init__(self, source, data_cfg, global_batch_size, process_index,
                process_count):
     self.images = source.images
     self.labels = source.labels
     self.global_batch_size = global_batch_size
     self.local = local_batch_size(global_batch_size, process_count)
     self.start = process_index * self.local
+    self.mean = tuple(data_cfg.mean)
+    self.std = tuple(data_cfg.std)
+    normalize(self.images[:1], self.mean, self.std)  # Fail early on bad stats.
+
+
+class _TrainBatch(_SplitReader):
+  """Global step -> this process's augmented, normalised training batch."""
+
+  def __init__(self, source, data_cfg, global_batch_size, seed, process_index,
+               process_count):
+    _check_augment(data_cfg.augment)
+    super().__init__(source, data_cfg, global_batch_size, process_index,
+                     process_count)
     self.steps = steps_per_epoch(len(self.labels), global_batch_size)
     self.seed = seed
     self.augment = data_cfg.augment
     self.padding = int(data_cfg.crop_padding)
-    self.mean = tuple(data_cfg.mean)
-    self.std = tuple(data_cfg.std)
     self._cache = (None, None)
-    _check_augment(self.augment)
-    normalize(self.images[:1], self.mean, self.std)  # Fail early on bad stats.
 
   def _permutation(self, epoch: int) -> np.ndarray:
     """Epoch ``epoch``'s order [N], cached for the current epoch."""
@@ -164,19 +173,8 @@ def make_train_iterator(source, data_cfg, *, global_batch_size: int, seed: int,
   return iter(iter_dataset)
 
 
-class _EvalBatch:
+class _EvalBatch(_SplitReader):
   """Batch number -> this process's slice of the in-order, padded eval batch."""
-
-  def __init__(self, source, data_cfg, global_batch_size, process_index,
-               process_count):
-    self.images = source.images
-    self.labels = source.labels
-    self.global_batch_size = global_batch_size
-    self.local = local_batch_size(global_batch_size, process_count)
-    self.start = process_index * self.local
-    self.mean = tuple(data_cfg.mean)
-    self.std = tuple(data_cfg.std)
-    normalize(self.images[:1], self.mean, self.std)  # Fail early on bad stats.
 
   def __call__(self, b: int) -> dict:
     n = len(self.labels)

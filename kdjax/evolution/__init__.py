@@ -15,17 +15,4 @@ from kdjax.evolution.nsga2 import (
     uniform_crossover,
 )
 
-__all__ = [
-    "dominates",
-    "non_dominated_rank",
-    "crowding_distance",
-    "binary_tournament",
-    "uniform_crossover",
-    "one_point_crossover",
-    "bit_flip_mutation",
-    "repair",
-    "survival",
-    "hypervolume_2d",
-    "initial_population",
-    "generation",
-]
+from kdjax.evolution.nsga2 import __all__  # noqa: E402,F401  (one list of the public names)
