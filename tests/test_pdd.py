@@ -80,6 +80,7 @@ def test_pdd_two_steps_through_both_stages(tmp_path):
     small = config_lib.optim(epochs=1, batch_size=64, lr=0.05)
     config.teacher.optim = small
     config.pdd.stage1 = config.pdd.stage2 = config.pdd.kd_optim = small
+    config.pdd.flops_target = 0.5  # also runs the (non-PDD) FLOPs-target extension
     summary = pdd.run(config, tmp_path)
     for stage in ("teacher", "kd", "masks", "finetune"):
         assert (tmp_path / stage / "results.json").exists(), stage
@@ -89,3 +90,31 @@ def test_pdd_two_steps_through_both_stages(tmp_path):
     assert all(1 <= saved["kept_widths"][g] <= c for g, c in groups.items())
     assert summary["pruned_cost"]["macs"] <= summary["unpruned_cost"]["macs"]
     assert (tmp_path / "summary.md").read_text().startswith("## PDD")
+    logged = [json.loads(line) for line in open(tmp_path / "masks" / "metrics.jsonl")]
+    assert any("macs_ratio" in r for r in logged if r["split"] == "train")
+
+
+def test_flops_extension_ratio_and_gradient():
+    from kdjax.pruning import masks as masks_lib
+
+    model = models.get_model("resnet8", 10)
+    table = cost_lib.cost_table(model, (16, 16, 3))
+    learned = pdd.masked_groups(model, "inner")
+    wrapped = LearnedMasks(model=model, learned=learned, cost_table=table)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+    variables = wrapped.init(jax.random.PRNGKey(1), x)
+    _, features = wrapped.apply(variables, x)
+    hard = binary_masks(variables["params"], models.mask_groups(model))
+    want = (cost_lib.model_cost(model, (16, 16, 3), hard)["macs"]
+            / cost_lib.model_cost(model, (16, 16, 3))["macs"])
+    assert abs(float(features["macs_ratio"]) - want) < 1e-5
+    # the penalty alone pushes the mask logits (through the straight-through gradient)
+    objective = pdd.with_flops_penalty(lambda *a: (0.0, {}, {}), target=0.0, weight=1.0)
+
+    def penalty(params):
+        logits, feats = wrapped.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
+        return objective(logits, feats, None, None, None)[0]
+
+    grads = jax.grad(penalty)(variables["params"])["mask_logits"]
+    assert all(float(jnp.sum(g)) > 0 for g in grads.values())  # lowering logits lowers MACs
+    assert masks_lib.ones_masks(model).keys() >= set(grads)

@@ -4,6 +4,10 @@
     variables = wrapped.init(rng, x)
     # params = {"model": <the zoo model's params>, "mask_logits": {group: m [C]}}
 
+With ``cost_table`` set, ``features["macs_ratio"]`` = MACs under the current masks /
+unmasked MACs, differentiable in the logits through the straight-through gradient (used by
+PDD's optional FLOPs-target extension).
+
 Forward: the zoo model runs with masks {g: M(m_g)} for the learned groups and ones for
 the others, where M is the PDD straight-through mask of kdjax.pruning.ste
 (M = 1[m > 0], ∂M/∂m = max(0, 1 − |m|)). The logits are ordinary parameters, so the
@@ -12,11 +16,14 @@ model's optimizer (and its weight decay) trains them with the weights, as in PDD
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kdjax.pruning import ste
+from kdjax.pruning.cost import masked_cost
 
 
 class LearnedMasks(nn.Module):
@@ -29,6 +36,7 @@ class LearnedMasks(nn.Module):
     model: nn.Module
     learned: tuple[str, ...]
     init_scale: float = 1e-3
+    cost_table: Any = None  # a kdjax.pruning.cost.CostTable: adds features["macs_ratio"]
 
     def mask_groups(self) -> dict[str, int]:
         return self.model.mask_groups()
@@ -59,7 +67,13 @@ class LearnedMasks(nn.Module):
             full[g] = ste.pdd_mask(logits[g]).astype(x.dtype)
         if masks is not None:
             full = {g: full[g] * masks[g] for g in full}
-        return self.model(x, masks=full, train=train, **kwargs)
+        logits, features = self.model(x, masks=full, train=train, **kwargs)
+        if self.cost_table is not None:
+            ones = {g: jnp.ones((c,), jnp.float32) for g, c in groups.items()}
+            features = dict(features)
+            features["macs_ratio"] = (masked_cost(self.cost_table, full)["macs"]
+                                      / masked_cost(self.cost_table, ones)["macs"])
+        return logits, features
 
 
 def binary_masks(params: dict, groups: dict[str, int]) -> dict[str, jax.Array]:

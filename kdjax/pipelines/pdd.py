@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 
+import jax
+
 from kdjax import models
 from kdjax.models.learned_masks import LearnedMasks, binary_masks
 from kdjax.pipelines import common
@@ -42,6 +44,19 @@ def masked_groups(model, placement: str) -> tuple[str, ...]:
             raise ValueError("pdd.placement='inner' needs a residual model; use 'all' for VGG")
         return inner
     raise ValueError(f"unknown pdd.placement {placement!r}; valid: 'inner', 'all'")
+
+
+def with_flops_penalty(objective, target: float, weight: float):
+    """Extension, not part of PDD: loss + weight · max(0, r − target), where r =
+    features["macs_ratio"] is the masked/unmasked MACs ratio of LearnedMasks."""
+
+    def penalised(logits, features, batch, teacher_logits, opt_state):
+        loss, metrics, extra = objective(logits, features, batch, teacher_logits, opt_state)
+        ratio = features["macs_ratio"]
+        loss = loss + weight * jax.nn.relu(ratio - target)
+        return loss, {**metrics, "loss": loss, "macs_ratio": ratio}, extra
+
+    return penalised
 
 
 def widths_table(groups: dict[str, int], kept: dict[str, int]) -> str:
@@ -74,10 +89,14 @@ def run(config, workdir) -> dict:
         _, results["kd"] = common.run_stage(ctx, "kd", config.student.name, pdd.kd_optim,
                                             kd_objective, teacher=teacher)
 
+    table = cost_lib.cost_table(student, ctx.input_shape) if pdd.flops_target > 0 else None
     wrapped = LearnedMasks(model=student, learned=masked_groups(student, pdd.placement),
-                           init_scale=pdd.mask_init_scale)
+                           init_scale=pdd.mask_init_scale, cost_table=table)
+    stage1_objective = kd_objective
+    if pdd.flops_target > 0:
+        stage1_objective = with_flops_penalty(kd_objective, pdd.flops_target, pdd.flops_weight)
     _, results["masks"] = common.run_stage(ctx, "masks", config.student.name, pdd.stage1,
-                                           kd_objective, teacher=teacher, model=wrapped)
+                                           stage1_objective, teacher=teacher, model=wrapped)
     # The masks of the best-on-validation checkpoint of stage 1.
     _, best = ckpt_lib.load_variables(ctx.workdir / "masks", prefer=ckpt_lib.BEST_DIR)
     groups = models.mask_groups(student)
