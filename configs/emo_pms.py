@@ -15,7 +15,7 @@ Baselines through the same compaction + fine-tuning path (results under workdir/
     --config.emo.method=uniform | l1 | taylor | whole_nsga2
 Another operating point: --config.target_flops_ratio=0.45
 
-Demo on the embedded Fashion-MNIST (ResNet-20 trained first; ~10 min on a 2-core CPU):
+Demo on the embedded Fashion-MNIST (ResNet-20 trained first; 6 min on a 2-core CPU):
     python -m kdjax.main --config=configs/emo_pms.py:demo --workdir=/tmp/emo-demo
 """
 
