@@ -11,24 +11,14 @@ import pytest
 from kdjax import controllers as C
 from kdjax import losses as L
 
+from helpers import np_log_softmax, np_softmax
+
 T = 4.0
 
 
 # ---------------------------------------------------------------------------
 # float64 NumPy references
 # ---------------------------------------------------------------------------
-
-
-def np_softmax(x):
-    x = np.asarray(x, np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_log_softmax(x):
-    x = np.asarray(x, np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def np_norm_weights(b, w=None):

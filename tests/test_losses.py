@@ -11,6 +11,8 @@ import pytest
 
 from kdjax import losses as L
 
+from helpers import np_log_softmax, np_softmax
+
 RTOL, ATOL = 2e-5, 2e-6
 
 # Jitted versions: op-by-op (eager) dispatch is slow on CPU; shape checks run at
@@ -28,18 +30,6 @@ J = SimpleNamespace(**{
 # ---------------------------------------------------------------------------
 # float64 NumPy references (written independently of the implementation)
 # ---------------------------------------------------------------------------
-
-
-def np_softmax(x):
-    x = np.asarray(x, np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_log_softmax(x):
-    x = np.asarray(x, np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def np_wmean(v, w=None):

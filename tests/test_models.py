@@ -9,30 +9,9 @@ from kdjax import models
 from kdjax.models import MODEL_NAMES, get_model
 from kdjax.pruning.compact import compact
 
+from helpers import random_variables
+
 NUM_CLASSES = 10
-
-
-def _variables(model, seed=0, in_channels=3):
-    """Random variables of the right shapes, filled with numpy (no per-shape XLA compiles).
-
-    Kernels are He-scaled over fan-in; BN statistics, scales and biases are
-    random so that masked channels would leak if masking were wrong.
-    """
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, 8, 8, in_channels), jnp.float32))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name in ("var", "scale"):
-            value = rng.uniform(0.5, 1.5, leaf.shape)
-        elif name in ("mean", "bias"):
-            value = 0.3 * rng.standard_normal(leaf.shape)
-        else:
-            value = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _images(shape, seed=1):
@@ -91,7 +70,7 @@ def test_init_follows_pytorch_recipe():
 
 def test_batch_norm_momentum_and_epsilon():
     model = get_model("resnet8", NUM_CLASSES)
-    variables = _variables(model, 12)
+    variables = random_variables(model, 12)
     variables["batch_stats"]["stem_bn"]["var"] = jnp.zeros(16).at[0].set(4.0)
     x = _images((2, 8, 8, 3))
     _, state = model.apply(variables, x, capture_intermediates=True,
@@ -120,7 +99,7 @@ def _expected_spatial(name, size):
 def test_every_model_runs(name):
     model = get_model(name, NUM_CLASSES)
     for shape in ((2, 32, 32, 3), (2, 28, 28, 1)):
-        variables = _variables(model, in_channels=shape[-1])
+        variables = random_variables(model, in_channels=shape[-1])
         logits, feats = model.apply(variables, _images(shape))
         assert logits.shape == (2, NUM_CLASSES)
         assert tuple(feats) == model.taps()
@@ -146,7 +125,7 @@ def _reference_conv3x3(x, kernel, stride):
 
 def test_strided_conv_uses_symmetric_padding():
     model = get_model("resnet8", NUM_CLASSES)
-    variables = _variables(model, 13)
+    variables = random_variables(model, 13)
     (_, feats), state = model.apply(variables, _images((2, 8, 8, 3)),
                                     capture_intermediates=True, mutable=["intermediates"])
     conv_out = state["intermediates"]["stage2_block0"]["conv1"]["__call__"][0]
@@ -185,7 +164,7 @@ def test_mask_groups_coupling():
 
 def test_bad_masks_rejected():
     model = get_model("resnet8", 10)
-    variables = _variables(model)
+    variables = random_variables(model)
     x = _images((1, 8, 8, 3))
     masks = _ones_masks(model)
     with pytest.raises(ValueError, match="missing"):
@@ -199,7 +178,7 @@ def test_bad_masks_rejected():
 @pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8"])
 def test_all_ones_masks_exact(name):
     model = get_model(name, NUM_CLASSES)
-    variables = _variables(model, 3)
+    variables = random_variables(model, 3)
     x = _images((2, 16, 16, 3))
     plain = model.apply(variables, x)
     masked = model.apply(variables, x, masks=_ones_masks(model))
@@ -223,7 +202,7 @@ def _zero_channel(model, group, channel):
 ])
 def test_zeroed_stream_channel_in_taps(name, group, taps):
     model = get_model(name, NUM_CLASSES)
-    variables = _variables(model, 4)
+    variables = random_variables(model, 4)
     x = _images((2, 16, 16, 3))
     _, feats = model.apply(variables, x, masks=_zero_channel(model, group, 5))
     for tap in taps:
@@ -234,7 +213,7 @@ def test_zeroed_stream_channel_in_taps(name, group, taps):
 def test_zeroed_inner_channel_is_dead():
     """A masked inner channel of a projection block cannot influence anything downstream."""
     model = get_model("resnet8x4", NUM_CLASSES)
-    variables = _variables(model, 5)
+    variables = random_variables(model, 5)
     x = _images((2, 16, 16, 3))
     masks = _zero_channel(model, "stage2.block0", 7)
 
@@ -265,7 +244,7 @@ def _variable_shapes(model):
 @pytest.mark.parametrize("name", ["resnet8x4", "resnet20", "vgg8", "wrn_16_2", "wrn_16_1"])
 def test_deletion_equivalence(name):
     model = get_model(name, NUM_CLASSES)
-    variables = _variables(model, 7)
+    variables = random_variables(model, 7)
     masks = _random_masks(model, 8)
     x = _images((2, 8, 8, 3))
 
@@ -285,7 +264,7 @@ def test_deletion_equivalence(name):
 
 def test_vmap_over_mask_population():
     model = get_model("resnet8", NUM_CLASSES)
-    variables = _variables(model, 9)
+    variables = random_variables(model, 9)
     x = _images((2, 16, 16, 3))
     population = [_random_masks(model, seed) for seed in range(3)]
     stacked = jax.tree.map(lambda *m: jnp.stack(m), *population)
@@ -299,7 +278,7 @@ def test_vmap_over_mask_population():
 @pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8"])
 def test_start_stop_compose(name):
     model = get_model(name, NUM_CLASSES)
-    variables = _variables(model, 10)
+    variables = random_variables(model, 10)
     masks = _random_masks(model, 11)
     x = _images((2, 16, 16, 3))
     logits, feats = model.apply(variables, x, masks=masks)
@@ -323,7 +302,7 @@ def test_start_stop_compose(name):
 
 def test_start_stop_validation():
     model = get_model("resnet8", NUM_CLASSES)
-    variables = _variables(model)
+    variables = random_variables(model)
     x = _images((1, 8, 8, 3))
     with pytest.raises(ValueError, match="not a tap"):
         model.apply(variables, x, stop="stage4")
@@ -334,7 +313,7 @@ def test_start_stop_validation():
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8"])
 def test_train_mode_updates_batch_stats(name):
     model = get_model(name, NUM_CLASSES)
-    variables = _variables(model)
+    variables = random_variables(model)
     x = _images((4, 16, 16, 3))
     (logits, feats), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     assert logits.shape == (4, NUM_CLASSES) and tuple(feats) == model.taps()

@@ -17,27 +17,10 @@ from kdjax.pruning import saliency, ste
 from kdjax.train import checkpoint as ckpt_lib
 from kdjax.train.state import TrainState
 
+from helpers import random_variables
+
 SHAPE = (32, 32, 3)
 K = 10
-
-
-def random_variables(model, seed):
-    """Random params AND batch statistics (non-trivial BN means/variances), filled in
-    numpy so no per-shape XLA programs are compiled."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name in ("var", "scale"):
-            value = rng.uniform(0.5, 1.5, leaf.shape)
-        elif name in ("mean", "bias"):
-            value = 0.3 * rng.standard_normal(leaf.shape)
-        else:
-            value = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def images(n, seed=1, size=16):

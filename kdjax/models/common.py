@@ -94,6 +94,28 @@ def widths_tuple(widths: Mapping[str, int] | None) -> Widths:
     return tuple(sorted((str(g), int(c)) for g, c in widths.items()))
 
 
+class ZooModel(nn.Module):
+    """Shared interface of the zoo's networks (subclasses define the fields).
+
+    Subclasses set the class constant ``TAPS`` (feature taps in forward order), a
+    ``widths`` field (sorted (group, channels) overrides) and ``unpruned_groups()``.
+    """
+
+    TAPS = ()  # class constant (not annotated, so not a dataclass field)
+
+    def unpruned_groups(self) -> dict[str, int]:
+        """Mask group -> channels of the architecture before any width override."""
+        raise NotImplementedError
+
+    def mask_groups(self) -> dict[str, int]:
+        """Group name -> channel count (width overrides applied), in forward order."""
+        return resolve_widths(self.unpruned_groups(), self.widths)
+
+    def taps(self) -> tuple[str, ...]:
+        """Feature tap names in forward order."""
+        return self.TAPS
+
+
 def resolve_widths(defaults: Mapping[str, int], overrides: Widths) -> dict[str, int]:
     """Default group widths with `overrides` applied, keeping the order of `defaults`.
 

@@ -40,7 +40,7 @@ def default_groups(stage_widths: tuple[tuple[int, ...], ...]) -> dict[str, int]:
             for k, width in enumerate(convs)}
 
 
-class VGG(nn.Module):
+class VGG(common.ZooModel):
     """CIFAR VGG-BN: [B, H, W, Cin] -> (logits [B, num_classes], features).
 
     `widths` overrides group widths (sorted (group, channels) pairs), which is
@@ -51,13 +51,10 @@ class VGG(nn.Module):
     num_classes: int
     widths: common.Widths = ()
 
-    def mask_groups(self) -> dict[str, int]:
-        """Group name -> channel count, in forward order."""
-        return common.resolve_widths(default_groups(self.stage_widths), self.widths)
+    TAPS = TAPS
 
-    def taps(self) -> tuple[str, ...]:
-        """Feature tap names in forward order."""
-        return TAPS
+    def unpruned_groups(self) -> dict[str, int]:
+        return default_groups(self.stage_widths)
 
     @nn.compact
     def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None,

@@ -69,7 +69,7 @@ class PreActBlock(nn.Module):
         return common.apply_mask(h + x, out_mask)
 
 
-class WideResNet(nn.Module):
+class WideResNet(common.ZooModel):
     """Wide ResNet: [B, H, W, Cin] -> (logits [B, num_classes], features).
 
     `widths` overrides group widths (sorted (group, channels) pairs), which is
@@ -81,14 +81,10 @@ class WideResNet(nn.Module):
     num_classes: int
     widths: common.Widths = ()
 
-    def mask_groups(self) -> dict[str, int]:
-        """Group name -> channel count, in order of first production."""
-        return common.resolve_widths(
-            default_groups(self.blocks_per_stage, self.base_widths), self.widths)
+    TAPS = TAPS
 
-    def taps(self) -> tuple[str, ...]:
-        """Feature tap names in forward order."""
-        return TAPS
+    def unpruned_groups(self) -> dict[str, int]:
+        return default_groups(self.blocks_per_stage, self.base_widths)
 
     @nn.compact
     def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None,
