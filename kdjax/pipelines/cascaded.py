@@ -51,6 +51,7 @@ log = logging.getLogger("kdjax")
 METHODS = ("cascade", "oneshot_l1", "oneshot_taylor")
 DISTILL_METHODS = ("kd",)
 MAX_TAS = 3
+NORMALIZATIONS = ("mean", "l2", "none")  # saliency.normalize_scores
 
 
 class Outputs(NamedTuple):
@@ -183,20 +184,22 @@ class Schedule:
 
 
 def make_schedule(model, input_shape, cfg, target: float, steps_per_epoch: int,
-                  total_steps: int) -> Schedule:
+                  planned_steps: int) -> Schedule:
     """The MACs targets of every level after every event (``cascade.level_ratios`` and
     ``event_ratios``) and P = round(prune_every_epochs · steps_per_epoch) ≥ 1; ValueError
-    when the E events do not fit in the stage."""
+    when the E events do not fit in the stage's planned steps (epochs · steps_per_epoch;
+    a ``train.max_steps`` cap may cut the schedule short, as it cuts the stage)."""
     levels = cascade_lib.num_levels(cfg.num_tas)
     final = cascade_lib.level_ratios(target, levels, cfg.spacing)
     ratios = cascade_lib.event_ratios(final, cfg.num_events, cfg.spacing)
     full = cost_lib.model_cost(model, input_shape)["macs"]
     every = max(1, round(cfg.prune_every_epochs * steps_per_epoch))
-    if every * cfg.num_events > total_steps:
+    if every * cfg.num_events > planned_steps:
         raise ValueError(
             f"cascade.num_events={cfg.num_events} events every {every} steps "
             f"(cascade.prune_every_epochs={cfg.prune_every_epochs}) need "
-            f"{every * cfg.num_events} steps, but the cascade stage has {total_steps}")
+            f"{every * cfg.num_events} steps, but the cascade stage has {planned_steps} "
+            f"(cascade.optim.epochs={cfg.optim.epochs})")
     return Schedule(every, ratios * full)
 
 
@@ -255,6 +258,11 @@ def make_cascade_step(model, tx, schedule: Schedule, pair_loss, *, ce_weight: fl
 # --------------------------------------------------------------------------
 
 
+def zoo_name(model) -> str:
+    """The zoo name of the network being pruned (also when loaded from a checkpoint)."""
+    return compact_lib.zoo_spec(model)[0]
+
+
 def role(k: int, levels: int) -> str:
     """'teacher' (k = 0), 'student' (k = L−1), else 'ta<k>'."""
     return "teacher" if k == 0 else "student" if k == levels - 1 else f"ta{k}"
@@ -268,11 +276,10 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
     batch_size = cfg.optim.batch_size
     sharding.check_batch_size(batch_size, ctx.mesh)
     steps_per_epoch = data_pipeline.steps_per_epoch(len(ctx.splits.train), batch_size)
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if config.train.max_steps:
-        total_steps = min(total_steps, config.train.max_steps)
+    planned = cfg.optim.epochs * steps_per_epoch
     schedule = make_schedule(model, ctx.input_shape, cfg, config.target_flops_ratio,
-                             steps_per_epoch, total_steps)
+                             steps_per_epoch, planned)
+    total_steps = min(planned, config.train.max_steps or planned)  # a debugging cap
     tx = optim.sgd(cfg.optim, steps_per_epoch)
     state = CascadeState.create(variables, models.mask_groups(model), levels, tx,
                                 jax.random.PRNGKey(config.seed + 1))
@@ -288,7 +295,7 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
     train_iter = data_pipeline.make_train_iterator(
         ctx.splits.train, config.data, global_batch_size=batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-    spec = ckpt_lib.model_spec(config.teacher.name, ctx.num_classes, ctx.input_shape)
+    spec = ckpt_lib.model_spec(zoo_name(model), ctx.num_classes, ctx.input_shape)
     state, results = loop.fit(
         stage, mesh=ctx.mesh, state=state, train_step=step,
         eval_step=make_eval_step(LevelView(model, levels - 1)), train_iter=train_iter,
@@ -321,8 +328,7 @@ def export_level(ctx, model, variables: dict, masks: dict, name: str, out_dir) -
     full = cost_lib.model_cost(model, ctx.input_shape)
     scores = evaluate_model(ctx, small, small_vars)
     widths = masks_lib.count_kept(masks)
-    spec = ckpt_lib.model_spec(ctx.config.teacher.name, ctx.num_classes, ctx.input_shape,
-                               widths)
+    spec = ckpt_lib.model_spec(zoo_name(model), ctx.num_classes, ctx.input_shape, widths)
     save_model(out_dir / name, spec, small_vars, ctx.config.to_dict())
     row = {"name": name, "macs": cost["macs"], "params": cost["params"],
            "macs_ratio": cost["macs"] / full["macs"],
@@ -333,14 +339,21 @@ def export_level(ctx, model, variables: dict, masks: dict, name: str, out_dir) -
 
 
 def export_levels(ctx, model, state: CascadeState, schedule: Schedule) -> list[dict]:
-    """Every level as its own compacted zoo model (``levels/level<k>_<role>``)."""
+    """Every level as its own compacted zoo model (``levels/level<k>_<role>``), plus the
+    whole family uncompacted in ``levels/shared`` (the shared weights, with batch_stats =
+    {'levels': per-level BN statistics, 'masks': {group: [L, C]}}, read by ``LevelView``)."""
     levels = schedule.targets.shape[1]
     full = cost_lib.model_cost(model, ctx.input_shape)["macs"]
+    out_dir = ctx.workdir / "cascade" / "levels"
+    save_model(out_dir / "shared",
+               ckpt_lib.model_spec(zoo_name(model), ctx.num_classes, ctx.input_shape),
+               {"params": state.params, "batch_stats": state.batch_stats},
+               ctx.config.to_dict())
     rows = []
     for k in range(levels):
         variables, masks = level_variables(state, k)
         *_, row = export_level(ctx, model, variables, masks, f"level{k}_{role(k, levels)}",
-                               ctx.workdir / "cascade" / "levels")
+                               out_dir)
         rows.append({"level": k, "role": role(k, levels),
                      "target_macs_ratio": float(schedule.targets[-1, k] / full), **row})
         log.info("[cascaded] level %d (%s): MACs ratio %.4f (target %.4f), params %d, "
@@ -362,7 +375,7 @@ def finetune_student(ctx, model, state: CascadeState, rows: list[dict]) -> dict:
     variables, masks = level_variables(state, len(rows) - 1)
     small, small_vars = compact_lib.compact(model, variables, masks)
     _, results = common.run_stage(
-        ctx, "cascade/finetune", ctx.config.teacher.name, ctx.config.cascade.finetune,
+        ctx, "cascade/finetune", zoo_name(model), ctx.config.cascade.finetune,
         kd_objective(ctx.config), teacher=teacher, widths=masks_lib.count_kept(masks),
         model=small, initial_variables=small_vars)
     return results
@@ -405,7 +418,7 @@ def run_oneshot(ctx, model, variables, teacher_results: dict) -> tuple[list[dict
     budget = cfg.optim.copy_and_resolve_references()
     budget.epochs = cfg.optim.epochs + cfg.finetune.epochs
     _, results = common.run_stage(
-        ctx, method, config.teacher.name, budget, kd_objective(config),
+        ctx, method, zoo_name(model), budget, kd_objective(config),
         teacher=(model, variables), widths=masks_lib.count_kept(masks), model=small,
         initial_variables=small_vars)
     full = cost_lib.model_cost(model, ctx.input_shape)
@@ -477,7 +490,9 @@ def validate(config) -> None:
         raise ValueError(f"cascade.num_tas must be in 0..{MAX_TAS}, got {cfg.num_tas}")
     cascade_lib.event_ratios(cascade_lib.level_ratios(config.target_flops_ratio, levels,
                                                       cfg.spacing), cfg.num_events, cfg.spacing)
-    saliency.normalize_scores({}, {}, cfg.normalize)
+    if cfg.normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown cascade.normalize {cfg.normalize!r} (per-group saliency "
+                         f"normalisation); valid: {', '.join(NORMALIZATIONS)}")
     pair_loss_from_config(config.distill)
 
 
@@ -488,7 +503,7 @@ def run(config, workdir) -> dict:
     ctx = common.setup(config, workdir)
     model, variables, teacher_results = common.obtain_teacher(ctx)
     cfg = config.cascade
-    summary = {"model": config.teacher.name, "method": cfg.method,
+    summary = {"model": zoo_name(model), "method": cfg.method,
                "num_tas": cfg.num_tas if cfg.method == "cascade" else 0,
                "target_flops_ratio": config.target_flops_ratio, "teacher": teacher_results}
     if cfg.method == "cascade":
