@@ -36,7 +36,6 @@ import optax
 from kdjax import losses, models
 from kdjax.data import pipeline as data_pipeline
 from kdjax.pipelines import common
-from kdjax.pipelines.emo_pms import evaluate_model, train_batches
 from kdjax.pruning import cascade as cascade_lib
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
@@ -304,14 +303,25 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
     return jax.device_get(state), results, schedule
 
 
-def save_model(directory, spec: dict, variables: dict, config_dict: dict) -> None:
-    """Write a compacted model as a kdjax checkpoint (loadable by ``load_variables`` and
-    ``--config.teacher.checkpoint``)."""
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"], opt_state={},
-                       rng=jax.random.PRNGKey(0))
+def evaluate_model(ctx, model, variables) -> dict:
+    """Test (and, when the data has one, validation) top-1 of a plain zoo model."""
+    step = loop.compile_eval_step(make_eval_step(model), ctx.mesh)
+    splits = {"test": ctx.splits.test, "validation": ctx.splits.validation}
+    return {name: loop.evaluate(step, variables, source, ctx.config.data,
+                                ctx.config.train.eval_batch_size, ctx.mesh)["top1"]
+            for name, source in splits.items() if source is not None}
+
+
+def save_model(directory, spec: dict, variables: dict, config_dict: dict, step: int) -> None:
+    """Write a model exported after ``step`` cascade steps as a kdjax checkpoint (loadable
+    by ``load_variables`` and ``--config.teacher.checkpoint``); a re-run that finds this
+    step already exported (same state, same export) leaves it as it is."""
     checkpointer = ckpt_lib.StageCheckpointer(directory, spec, config_dict)
-    checkpointer.save(state, {}, {}, is_best=True)
+    if checkpointer.latest_step() != step:
+        state = TrainState(step=jnp.asarray(step, jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"], opt_state={},
+                           rng=jax.random.PRNGKey(0))
+        checkpointer.save(state, {}, {}, is_best=True)
     checkpointer.close()
 
 
@@ -321,21 +331,21 @@ def level_variables(state: CascadeState, k: int) -> tuple[dict, dict]:
             cascade_lib.level(state.masks, k))
 
 
-def export_level(ctx, model, variables: dict, masks: dict, name: str, out_dir) -> tuple:
-    """Compact one level, evaluate it, save it; returns (small model, its variables, row)."""
+def export_level(ctx, model, variables: dict, masks: dict, name: str, out_dir,
+                 step: int) -> dict:
+    """Compact one level, evaluate it, save it; returns its summary row."""
     small, small_vars = compact_lib.compact(model, variables, masks)
     cost = cost_lib.model_cost(small, ctx.input_shape)
     full = cost_lib.model_cost(model, ctx.input_shape)
     scores = evaluate_model(ctx, small, small_vars)
     widths = masks_lib.count_kept(masks)
     spec = ckpt_lib.model_spec(zoo_name(model), ctx.num_classes, ctx.input_shape, widths)
-    save_model(out_dir / name, spec, small_vars, ctx.config.to_dict())
+    save_model(out_dir / name, spec, small_vars, ctx.config.to_dict(), step)
     row = {"name": name, "macs": cost["macs"], "params": cost["params"],
            "macs_ratio": cost["macs"] / full["macs"],
-           "test_top1": scores["test"]["top1"],
-           "validation_top1": scores["validation"]["top1"] if ctx.splits.validation else None,
+           "test_top1": scores["test"], "validation_top1": scores.get("validation"),
            "widths": widths, "checkpoint": str(out_dir / name)}
-    return small, small_vars, row
+    return row
 
 
 def export_levels(ctx, model, state: CascadeState, schedule: Schedule) -> list[dict]:
@@ -348,12 +358,12 @@ def export_levels(ctx, model, state: CascadeState, schedule: Schedule) -> list[d
     save_model(out_dir / "shared",
                ckpt_lib.model_spec(zoo_name(model), ctx.num_classes, ctx.input_shape),
                {"params": state.params, "batch_stats": state.batch_stats},
-               ctx.config.to_dict())
+               ctx.config.to_dict(), int(state.step))
     rows = []
     for k in range(levels):
         variables, masks = level_variables(state, k)
-        *_, row = export_level(ctx, model, variables, masks, f"level{k}_{role(k, levels)}",
-                               out_dir)
+        row = export_level(ctx, model, variables, masks, f"level{k}_{role(k, levels)}",
+                               out_dir, int(state.step))
         rows.append({"level": k, "role": role(k, levels),
                      "target_macs_ratio": float(schedule.targets[-1, k] / full), **row})
         log.info("[cascaded] level %d (%s): MACs ratio %.4f (target %.4f), params %d, "
@@ -395,7 +405,9 @@ def oneshot_masks(ctx, model, variables, kind: str) -> dict:
                 model.apply(variables, images, masks=m, train=False)[0], labels)
             return saliency.taylor_scores(loss, ones)
 
-        batches = train_batches(ctx, cfg.optim.batch_size, 7)
+        batches = data_pipeline.make_train_iterator(
+            ctx.splits.train, ctx.config.data, global_batch_size=cfg.optim.batch_size,
+            seed=ctx.config.seed + 7)
         scores = jax.tree.map(jnp.zeros_like, ones)
         for _ in range(cfg.taylor_batches):
             batch = next(batches)
@@ -425,7 +437,7 @@ def run_oneshot(ctx, model, variables, teacher_results: dict) -> tuple[list[dict
     cost = cost_lib.model_cost(small, ctx.input_shape)
     rows = [{"level": 0, "role": "teacher", "name": "teacher", "macs": full["macs"],
              "params": full["params"], "macs_ratio": 1.0, "target_macs_ratio": 1.0,
-             "test_top1": evaluate_model(ctx, model, variables)["test"]["top1"],
+             "test_top1": evaluate_model(ctx, model, variables)["test"],
              "checkpoint": teacher_results.get("checkpoint", str(ctx.workdir / "teacher"))},
             {"level": 1, "role": "student", "name": method, "macs": cost["macs"],
              "params": cost["params"], "macs_ratio": cost["macs"] / full["macs"],
