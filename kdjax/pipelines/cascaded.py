@@ -178,8 +178,8 @@ class Schedule:
     def event(self, step):
         """(is an event after ``step`` updates, its 0-based index), jnp scalars."""
         e = step // self.every
-        return (step % self.every == 0) & (e >= 1) & (e <= self.num_events), \
-            jnp.clip(e - 1, 0, self.num_events - 1)
+        fires = (step % self.every == 0) & (e >= 1) & (e <= self.num_events)
+        return fires, jnp.clip(e - 1, 0, self.num_events - 1)
 
 
 def make_schedule(model, input_shape, cfg, target: float, steps_per_epoch: int,
