@@ -700,7 +700,7 @@ def correlation_congruence_loss(student_embedding, teacher_embedding,
     def correlation(e):
         u = _l2_normalize(e)
         x = 2.0 * gamma * (u @ u.T)
-        series = sum(x ** p / math.factorial(p) for p in range(order + 1))
+        series = sum(x ** p / float(math.factorial(p)) for p in range(order + 1))
         return jnp.exp(-2.0 * gamma) * series
 
     d = correlation(student_embedding) - correlation(teacher_embedding)
@@ -743,7 +743,7 @@ def vid_loss(student_mean, teacher_feature, log_variance_param, eps=1e-6,
 
 
 def _huber(x):
-    """Smooth L1 with ``delta = 1``: ``0.5 x^2`` if ``|x| < 1`` else ``|x| - 0.5``."""
+    """Smooth L1 (``delta = 1``): ``0.5 x^2`` if ``|x| < 1``, else ``|x| - 0.5``."""
     a = jnp.abs(x)
     return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
 
@@ -758,7 +758,7 @@ def _rkd_distance(e):
 
 
 def _rkd_angle(e):
-    """``[B, B, B]``: ``A[j, i, k] = cos`` of the angle at ``e_j`` in ``(e_i, e_j, e_k)``."""
+    """``[B, B, B]``, ``A[j, i, k]`` = cos of the angle e_i e_j e_k (at e_j)."""
     u = _l2_normalize(e[None, :, :] - e[:, None, :])  # u[j, i] ~ e_i - e_j
     return jnp.einsum("jid,jkd->jik", u, u)
 
@@ -1060,5 +1060,6 @@ def crd_memory_update(bank, indices, new, momentum=0.5):
         raise ValueError(
             f"new rows {_shape(new)} and bank {_shape(bank)} differ in D."
         )
+    bank = jnp.asarray(bank)
     rows = momentum * bank[indices] + (1.0 - momentum) * jax.lax.stop_gradient(new)
     return bank.at[indices].set(_l2_normalize(rows).astype(bank.dtype))
