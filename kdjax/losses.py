@@ -133,7 +133,8 @@ def _check_same_batch(name_a: str, a, name_b: str, b) -> None:
         )
 
 
-def _check_same_shape(name_a: str, a, name_b: str, b) -> None:
+def _check_same_shape(name_a: str, a, name_b: str, b, min_ndim: int = 0) -> None:
+    _check_min_ndim(name_a, a, min_ndim)
     if _shape(a) != _shape(b):
         raise ValueError(
             f"{name_a} and {name_b} must have the same shape; got "
@@ -497,6 +498,16 @@ def _match_spatial(a, b):
     )
 
 
+def _pooled_map_pair(student_feature, teacher_feature):
+    """Checks two NHWC maps of one batch; pools the larger to the other's size."""
+    _check_ndim("student_feature", student_feature, 4)
+    _check_ndim("teacher_feature", teacher_feature, 4)
+    _check_same_batch("student_feature", student_feature, "teacher_feature",
+                      teacher_feature)
+    s, t = _match_spatial(student_feature, teacher_feature)
+    return s, t
+
+
 def attention_map(feature, p=2):
     """Attention-transfer spatial map (Zagoruyko & Komodakis, 2017).
 
@@ -536,11 +547,7 @@ def attention_transfer_loss(student_feature, teacher_feature, p=2,
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_ndim("student_feature", student_feature, 4)
-    _check_ndim("teacher_feature", teacher_feature, 4)
-    _check_same_batch("student_feature", student_feature, "teacher_feature",
-                      teacher_feature)
-    s, t = _match_spatial(student_feature, teacher_feature)
+    s, t = _pooled_map_pair(student_feature, teacher_feature)
     d = attention_map(s, p) - attention_map(t, p)
     return weighted_mean(jnp.mean(d * d, axis=-1), weights)
 
@@ -727,9 +734,8 @@ def vid_loss(student_mean, teacher_feature, log_variance_param, eps=1e-6,
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_min_ndim("student_mean", student_mean, 2)
     _check_same_shape("student_mean", student_mean, "teacher_feature",
-                      teacher_feature)
+                      teacher_feature, min_ndim=2)
     channels = _shape(teacher_feature)[-1]
     if _shape(log_variance_param) != (channels,):
         raise ValueError(
@@ -848,9 +854,8 @@ def ab_loss(student_preact, teacher_preact, margin=1.0, weights=None):
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_min_ndim("student_preact", student_preact, 2)
     _check_same_shape("student_preact", student_preact, "teacher_preact",
-                      teacher_preact)
+                      teacher_preact, min_ndim=2)
     channels = _shape(student_preact)[-1]
     if _shape(margin) not in ((), (channels,)):
         raise ValueError(
@@ -880,9 +885,8 @@ def factor_transfer_loss(student_factor, teacher_factor, p=1, weights=None):
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_min_ndim("student_factor", student_factor, 2)
     _check_same_shape("student_factor", student_factor, "teacher_factor",
-                      teacher_factor)
+                      teacher_factor, min_ndim=2)
     d = (_l2_normalize(_flatten_batch(student_factor))
          - _l2_normalize(_flatten_batch(teacher_factor)))
     return weighted_mean(jnp.mean(jnp.abs(d) ** p, axis=-1), weights)
@@ -935,11 +939,7 @@ def nst_loss(student_feature, teacher_feature, weights=None):
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_ndim("student_feature", student_feature, 4)
-    _check_ndim("teacher_feature", teacher_feature, 4)
-    _check_same_batch("student_feature", student_feature, "teacher_feature",
-                      teacher_feature)
-    s, t = _match_spatial(student_feature, teacher_feature)
+    s, t = _pooled_map_pair(student_feature, teacher_feature)
 
     def channel_vectors(f):  # [B, H, W, C] -> [B, C, HW], unit rows
         b, h, w, c = _shape(f)
