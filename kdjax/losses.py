@@ -504,8 +504,7 @@ def _pooled_map_pair(student_feature, teacher_feature):
     _check_ndim("teacher_feature", teacher_feature, 4)
     _check_same_batch("student_feature", student_feature, "teacher_feature",
                       teacher_feature)
-    s, t = _match_spatial(student_feature, teacher_feature)
-    return s, t
+    return _match_spatial(student_feature, teacher_feature)
 
 
 def attention_map(feature, p=2):
@@ -781,8 +780,9 @@ def rkd_loss(student_embedding, teacher_embedding, distance_weight=25.0,
       + angle_weight * mean_{i, j, k distinct} h(psi_A^s - psi_A^t)``,
       ``h`` the Huber loss with ``delta = 1`` (smooth L1).
 
-    The means run over distinct pairs/triplets as in the paper (RepDistiller
-    averages over all ``B^2`` / ``B^3`` entries, degenerate ones included).
+    The means run over the paper's sets of distinct pairs/triplets (the paper
+    writes sums; RepDistiller averages over all ``B^2`` / ``B^3`` entries,
+    degenerate ones included, and its weights 25 / 50 assume averages).
 
     Args:
       student_embedding: ``[B, Ds]``; teacher_embedding: ``[B, Dt]``; ``B >= 3``.
@@ -1010,7 +1010,8 @@ def crd_nce_loss(anchor, positive, negatives, normalizer, num_data,
 
     Args:
       anchor: ``[B, D]``, L2-normalised embeddings (not normalised here).
-      positive: ``[B, D]``, the positive (other modality, same example).
+      positive: ``[B, D]``, the other side's embedding of the same example
+        (RepDistiller: that side's memory-bank row at the example's index).
       negatives: ``[B, N, D]``, rows drawn from a memory bank by the caller.
       normalizer: scalar ``Z > 0``.
       num_data: the dataset size (scalar).
