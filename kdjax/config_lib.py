@@ -56,6 +56,9 @@ def train_settings():
     return ml_collections.ConfigDict(dict(
         num_devices=0,          # 0 = all local devices (on CPU: one per core, see BUILD_NOTES)
         distributed=False,      # True: jax.distributed.initialize() for multi-host runs
+        coordinator_address="",  # "host:port" of process 0; "" = auto-detect (TPU VM, Slurm)
+        num_processes=-1,       # -1 = auto-detect
+        process_id=-1,          # -1 = auto-detect; else 0 .. num_processes-1
         log_every_steps=50,
         eval_every_steps=0,     # 0 = once per epoch
         eval_batch_size=500,
