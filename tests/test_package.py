@@ -4,6 +4,7 @@ import ast
 import importlib
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -114,11 +115,14 @@ def test_console_entry_point_and_type_marker():
 def test_base_install_is_light(tmp_path):
     """pip-installs kdjax WITHOUT extras into a fresh venv (needs the package index; ~30 s
     with a warm pip cache) and imports the pure core there with no training stack present."""
+    source = tmp_path / "src"  # a copy: building in place would leave build/ in the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"),
-                    str(REPO)], check=True, cwd=tmp_path, timeout=840)
+                    str(source)], check=True, cwd=tmp_path, timeout=840)
     probe = (
         "import importlib.util, kdjax.losses, kdjax.controllers, kdjax.evolution, pathlib, kdjax\n"
         f"print(sorted(m for m in {TRAIN_ONLY!r} if importlib.util.find_spec(m)))\n"
@@ -128,3 +132,23 @@ def test_base_install_is_light(tmp_path):
                          capture_output=True, text=True).stdout.splitlines()
     assert out == ["[]", "True"], out
     assert (venv / "bin" / "kdjax").exists()
+
+
+def repository_texts():
+    """(path, text) of the repository's own Python, Markdown and shell files."""
+    skip = {".git", ".venv", "build", ".pytest_cache"}
+    for path in REPO.rglob("*"):
+        if path.suffix in (".py", ".md", ".sh") and not skip & set(path.relative_to(REPO).parts):
+            yield path, path.read_text()
+
+
+def test_docs_travel_with_the_repository():
+    """No file cites the lead's notes outside the repository; every docs/ page cited exists,
+    and the links between docs pages resolve."""
+    for path, text in repository_texts():
+        assert not re.search(r"PAPERS\.md|DESIGN\.md|\.\./shared", text), path
+        for page in re.findall(r"docs/[A-Za-z_]+\.md", text):
+            assert (REPO / page).exists(), f"{path} cites missing {page}"
+    for page in (REPO / "docs").glob("*.md"):
+        for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
