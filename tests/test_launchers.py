@@ -112,7 +112,9 @@ def test_multi_gpu_passes_explicit_coordinator_settings():
                        "--config.train.num_processes=2", "--config.train.process_id=1",
                        TUPLE_OVERRIDE]
     single = commands(launch("multi_gpu.sh", "--dry-run", "configs/kd.py", "/tmp/r").stdout)[-1]
-    assert not [a for a in single if "distributed" in a]
+    assert not [a for a in single if "train." in a]
+    auto = commands(launch("multi_gpu.sh", "--dry-run", "--auto", "configs/kd.py", "/tmp/r").stdout)[-1]
+    assert [a for a in auto if "train." in a] == ["--config.train.distributed=True"]
 
 
 def test_multi_gpu_partial_coordinator_settings_exit_2():
