@@ -82,6 +82,8 @@ fi
 
 # 2. Ship tracked files only: a commit of the working tree (HEAD when it is clean). `git
 #    stash create` only writes a dangling commit object; work tree and refs stay as they are.
+git rev-parse --git-dir >/dev/null 2>&1 \
+  || { echo "tpu_vm.sh: run it from a git checkout (it ships the tracked files)" >&2; exit 2; }
 tree=$(git stash create)
 tree=${tree:-HEAD}
 archive=${TMPDIR:-/tmp}/kdjax-src-$$.tar.gz

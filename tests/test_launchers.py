@@ -42,6 +42,10 @@ def kdjax_words(script_text: str) -> list[str]:
     return shell_words(line[line.index("-m kdjax.main"):].split(" > ")[0])
 
 
+needs_git = pytest.mark.skipif(not (REPO / ".git").exists(),
+                               reason="tpu_vm.sh ships tracked files: needs a git checkout")
+
+
 def tpu_dry_run(*options, env=None):
     result = launch("tpu_vm.sh", "--dry-run", *options, *TPU_ARGS, TUPLE_OVERRIDE, SPACED_OVERRIDE,
                     env=env)
@@ -52,6 +56,7 @@ def tpu_dry_run(*options, env=None):
     return cmds, ssh, remote
 
 
+@needs_git
 def test_tpu_vm_remote_command_keeps_every_argument_intact():
     cmds, ssh, remote = tpu_dry_run(env={"TFDS_DATA_DIR": "gs://bucket/tensorflow datasets"})
     assert "--worker=all" in ssh and "my-tpu" in ssh and "--zone=us-central2-b" in ssh
@@ -66,9 +71,8 @@ def test_tpu_vm_remote_command_keeps_every_argument_intact():
     assert not any(c[0] == "gcloud" and "create" in c for c in cmds)  # reuse unless --create
 
 
+@needs_git
 def test_tpu_vm_ships_a_git_archive_of_tracked_files_only(tmp_path):
-    if not (REPO / ".git").exists():
-        pytest.skip("not a git checkout")
     cmds, _, remote = tpu_dry_run()
     (archive_cmd,) = [c for c in cmds if c[:2] == ["git", "archive"]]
     (scp,) = [c for c in cmds if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]]
@@ -84,6 +88,7 @@ def test_tpu_vm_ships_a_git_archive_of_tracked_files_only(tmp_path):
     assert not [n for n in names if n.split("/")[0] in (".git", ".venv", ".pytest_cache")]
 
 
+@needs_git
 def test_tpu_vm_create_and_detach():
     cmds, _, remote = tpu_dry_run("--create=v4-32", "--spot", "--detach", "--project=p")
     (create,) = [c for c in cmds if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]]
