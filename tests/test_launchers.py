@@ -25,9 +25,9 @@ def launch(script, *args, env=None):
 
 
 def shell_words(line: str) -> list[str]:
-    """The argument vector bash builds from ``line`` (its quoting undone, nothing executed
-    since the launchers quote every word with printf %q)."""
-    out = subprocess.run(["bash", "-c", 'printf "%s\\0" ' + line], capture_output=True,
+    """The argument vector bash builds from ``line`` (its quoting undone). Restricted bash
+    (-r): should quoting fail, a stray redirection cannot write files."""
+    out = subprocess.run(["bash", "-r", "-c", 'printf "%s\\0" ' + line], capture_output=True,
                          text=True, check=True).stdout
     return out.split("\0")[:-1]
 
@@ -76,13 +76,13 @@ def test_tpu_vm_ships_a_git_archive_of_tracked_files_only(tmp_path):
     cmds, _, remote = tpu_dry_run()
     (archive_cmd,) = [c for c in cmds if c[:2] == ["git", "archive"]]
     (scp,) = [c for c in cmds if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]]
-    archive = archive_cmd[2:][[a.startswith("--output=") for a in archive_cmd[2:]].index(True)]
-    assert scp[5] == archive[len("--output="):] and "--worker=all" in scp
+    (output,) = [a for a in archive_cmd if a.startswith("--output=")]
+    assert scp[5] == output[len("--output="):] and "--worker=all" in scp
     assert "--recurse" not in scp and ".venv" not in remote
     # Run the printed git archive (into tmp_path) and look inside.
     out = tmp_path / "src.tar.gz"
-    subprocess.run([*archive_cmd[:2], *[a for a in archive_cmd[2:] if not a.startswith("--output=")],
-                    f"--output={out}"], cwd=REPO, check=True)
+    subprocess.run([a for a in archive_cmd if a != output] + [f"--output={out}"], cwd=REPO,
+                   check=True)
     names = tarfile.open(out).getnames()
     assert "pyproject.toml" in names and "constraints.txt" in names and "launch/tpu_vm.sh" in names
     assert not [n for n in names if n.split("/")[0] in (".git", ".venv", ".pytest_cache")]
