@@ -57,3 +57,22 @@ def test_cli_errors_exit_2(tmp_path, capsys):
                                f"--state_dict={tmp_path / 'none.pth'}",
                                f"--out={tmp_path / 'o'}"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_compare_torch_alternates_and_prints_ratios(capsys):
+    from kdjax import bench
+
+    assert bench.main(["--pairs", "resnet8:resnet8", "--compare-torch", "--rounds", "2",
+                       "--repeats", "1", "--warmup", "1", "--batch", "16", "--classes", "10",
+                       "--image", "16", "16", "3", "--peak-size", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "matmul peak" in out
+    rows = [line for line in out.splitlines() if line.startswith("| resnet8") or
+            line.startswith("| KD")]
+    assert len(rows) == 3, out
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        theirs, ours, ratio = cells[1].split(" / "), cells[2].split(" / "), cells[3]
+        assert len(theirs) == len(ours) == 2  # two rounds each
+        expected = np.median([float(v) for v in ours]) / np.median([float(v) for v in theirs])
+        assert float(ratio.rstrip("x")) == pytest.approx(expected, rel=0.02)
