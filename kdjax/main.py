@@ -185,7 +185,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def flag_error_message(err: Exception, argv: list[str]) -> str:
-    """One line for a flag-parsing error; an unknown config key names its flag."""
+    """One line for a flag-parsing error; an unknown config key names its flag, an error
+    raised inside a config file is given without the traceback ml_collections adds."""
     chain = [err]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
@@ -196,7 +197,8 @@ def flag_error_message(err: Exception, argv: list[str]) -> str:
         hints = [line for e in chain for line in str(e.args[0] if e.args else "").splitlines()
                  if line.startswith("Did you mean")]
         return " ".join([f"unknown config key {', '.join(used) or key}.", *hints[:1]])
-    return " ".join(str(err).split()) or type(err).__name__
+    text = str(root if "Traceback" in str(err) else err)  # ml_collections inlines tracebacks
+    return " ".join(text.split()) or type(err).__name__
 
 
 def entry() -> None:

@@ -228,7 +228,7 @@ def fit(
     Returns (final state, results dict); results are also written to results.json.
     """
     stage.dir.mkdir(parents=True, exist_ok=True)
-    _check_stage(stage, mesh)
+    check_stage(stage, mesh)
     checkpointer = ckpt_lib.StageCheckpointer(stage.dir, spec, config_dict)
     progress = {"epoch": 0, "best_val_top1": -1.0, "test_top1_at_best_val": None,
                 "best_test_top1": -1.0, "best_step": None}
@@ -301,7 +301,7 @@ def fit(
     return state, results
 
 
-def _check_stage(stage: Stage, mesh) -> None:
+def check_stage(stage: Stage, mesh) -> None:
     """Fail before training (ValueError naming the config key) on settings the loop
     cannot run with."""
     if stage.total_steps < 1:
