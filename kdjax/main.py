@@ -76,7 +76,10 @@ def validate(config) -> None:
         if config.train[key] < low:
             raise ValueError(f"train.{key}={config.train[key]} must be >= {low}")
     if "teacher" in config and config.teacher.checkpoint:
-        saved = ckpt_lib.read_spec(config.teacher.checkpoint)["name"]
+        try:
+            saved = ckpt_lib.read_spec(config.teacher.checkpoint)["name"]
+        except ckpt_lib.CheckpointError as err:
+            raise ValueError(f"teacher.checkpoint: {err}") from None
         if saved != config.teacher.name:
             raise ValueError(
                 f"teacher.name={config.teacher.name!r} but teacher.checkpoint="
@@ -144,7 +147,7 @@ def run(config, workdir: str | None) -> int:
         if code is None:
             raise
         logging.debug("failed", exc_info=True)
-        prefix = "disk full: " if ckpt_lib.disk_full(err) else ""
+        prefix = "disk full: " if ckpt_lib.disk_full(err) and "disk full" not in str(err) else ""
         print(f"kdjax: error: {prefix}{err}", file=sys.stderr)
         return code
     print(json.dumps(results, indent=2, default=str))

@@ -68,17 +68,30 @@ def assert_same_variables(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+def kill_config():
+    """The run of KILL_ARGS, in-process: ``configs/supervised.py:demo`` with the same
+    overrides (resnet8, 16×16 synthetic images, no validation split so that every
+    evaluation writes best/, checkpoints at steps 2, 4 and 5, a 2-device mesh)."""
+    config = config_lib.synthetic(load_config("supervised"), steps=5)
+    config.data.synthetic_shape, config.data.validation_size = (16, 16, 3), 0
+    config.model.name = "resnet8"
+    config.optim.batch_size, config.optim.epochs = 64, 3
+    config.train.update(eval_every_steps=2, num_devices=2)
+    return config
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """4 steps with checkpoints at steps 2 and 4 (shared; tests copy it before changing it)."""
-    workdir = tmp_path_factory.mktemp("trained")
-    supervised.run(tiny(steps=4, eval_every_steps=2), workdir)
+def straight(tmp_path_factory):
+    """5 uninterrupted steps of ``kill_config`` (checkpoints/4 and /5 kept), shared: the
+    run every killed-and-resumed run must reproduce bit for bit. Copy it to change it."""
+    workdir = tmp_path_factory.mktemp("straight")
+    supervised.run(kill_config(), workdir)
     return workdir
 
 
 @pytest.fixture
-def trained_copy(trained, tmp_path):
-    shutil.copytree(trained, tmp_path / "w")
+def straight_copy(straight, tmp_path):
+    shutil.copytree(straight, tmp_path / "w")
     return tmp_path / "w"
 
 
@@ -167,25 +180,26 @@ def test_case4_best_checkpoint_matches_results_after_a_kill_between_saves(tmp_pa
 
 # 5. Damaged checkpoint: automatic fallback; disk full: exit 1 -------------------------
 
-def test_case5_damaged_latest_checkpoint_falls_back_to_the_previous(trained, trained_copy, caplog):
-    damaged = trained_copy / "model" / ckpt_lib.LAST_DIR / "4"
+def test_case5_damaged_latest_checkpoint_falls_back_to_the_previous(straight, straight_copy,
+                                                                     caplog):
+    damaged = straight_copy / "model" / ckpt_lib.LAST_DIR / "5"
     for path in (damaged / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    results = supervised.run(tiny(steps=4, eval_every_steps=2), trained_copy)["model"]
-    assert "unreadable" in caplog.text and results["steps"] == 4
-    assert_same_variables(final_params(trained_copy), final_params(trained))  # replayed 3..4
-    assert [p.name.split("-")[:2] for p in (trained_copy / "model" / "damaged").iterdir()] == [
-        [ckpt_lib.LAST_DIR, "4"]]
-    assert steps_in(trained_copy / "model" / ckpt_lib.BEST_DIR) == [results["best_step"]]
+    results = supervised.run(kill_config(), straight_copy)["model"]
+    assert "unreadable" in caplog.text and results["steps"] == 5
+    assert_same_variables(final_params(straight_copy), final_params(straight))  # replayed 5
+    assert [p.name.split("-")[:2] for p in (straight_copy / "model" / "damaged").iterdir()] == [
+        [ckpt_lib.LAST_DIR, "5"]]
+    assert steps_in(straight_copy / "model" / ckpt_lib.BEST_DIR) == [results["best_step"]]
 
 
-def test_case5_no_readable_checkpoint_and_disk_full_are_runtime_errors(trained_copy, monkeypatch):
-    stage = trained_copy / "model"
-    for step in (2, 4):
+def test_case5_no_readable_checkpoint_and_disk_full_are_runtime_errors(straight_copy, monkeypatch):
+    stage = straight_copy / "model"
+    for step in (4, 5):
         (stage / ckpt_lib.LAST_DIR / str(step) / "meta" / "metadata").write_text("{")
     with pytest.raises(ckpt_lib.CheckpointError, match="Run the same command again") as err:
-        supervised.run(tiny(steps=4, eval_every_steps=2), trained_copy)
+        supervised.run(kill_config(), straight_copy)
     assert main.exit_code(err.value) == 1
     assert ckpt_lib.StageCheckpointer(stage, {}, {}).latest_step() is None  # rerun starts over
     assert len(list((stage / "damaged").iterdir())) == 2
@@ -202,17 +216,17 @@ def test_case5_no_readable_checkpoint_and_disk_full_are_runtime_errors(trained_c
 
 # 6. A changed config does not resume silently ----------------------------------------
 
-def test_case6_changed_config_is_refused_unless_allowed(trained_copy, capsys, caplog):
-    saved_config = (trained_copy / "model" / "config.json").read_text()
-    changed = tiny(steps=4, eval_every_steps=2)
+def test_case6_changed_config_is_refused_unless_allowed(straight_copy, capsys, caplog):
+    saved_config = (straight_copy / "model" / "config.json").read_text()
+    changed = kill_config()
     changed.optim.lr, changed.seed = 0.2, 3
-    code, err = run_main(changed, trained_copy, capsys)
-    assert code == 2 and "optim.lr: checkpoint 0.05, now 0.2" in err and "seed" in err
+    code, err = run_main(changed, straight_copy, capsys)
+    assert code == 2 and "optim.lr: checkpoint 0.1, now 0.2" in err and "seed" in err
     assert "allow_config_change" in err
-    assert (trained_copy / "model" / "config.json").read_text() == saved_config
+    assert (straight_copy / "model" / "config.json").read_text() == saved_config
     changed.train.allow_config_change = True
     changed.train.log_every_steps = 7  # not training-relevant: never listed
-    assert run_main(changed, trained_copy, capsys)[0] == 0
+    assert run_main(changed, straight_copy, capsys)[0] == 0
     assert "optim.lr" in caplog.text and "log_every_steps" not in caplog.text
 
 
@@ -271,18 +285,18 @@ def test_case7_dataset_labels_and_damaged_files(tmp_path):
 
 # 8. Teacher checkpoints: name checked, any topology -----------------------------------
 
-def test_case8_teacher_name_must_match_its_checkpoint(trained, tmp_path, capsys):
+def test_case8_teacher_name_must_match_its_checkpoint(straight, tmp_path, capsys):
     config = tiny(pipeline="kd")
-    config.teacher.checkpoint = str(trained / "model")
+    config.teacher.checkpoint = str(straight / "model")
     config.teacher.name = "resnet14"
     code, err = run_main(config, tmp_path, capsys)
     assert code == 2 and "teacher.name='resnet14'" in err and "'resnet8'" in err
 
 
-def test_case8_checkpoint_of_8_devices_loads_on_1(trained):
-    assert len(jax.devices()) == 8  # the fixture saved replicated over 8 devices
+def test_case8_checkpoint_of_2_devices_loads_on_1(straight):
+    """``straight`` saved its arrays replicated over a 2-device mesh."""
     script = ("from kdjax.train import checkpoint as c; import jax; "
-              f"spec, v = c.load_variables({str(trained / 'model')!r}); "
+              f"spec, v = c.load_variables({str(straight / 'model')!r}); "
               "print(spec['name'], len(jax.devices()), jax.tree.leaves(v)[0].shape)")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
@@ -321,8 +335,8 @@ def test_case9_workdir_that_is_a_file_or_read_only_exits_2(tmp_path, capsys):
 
 # 10. Temporary directories of killed saves are removed -------------------------------
 
-def test_case10_unfinished_saves_are_removed_at_start(trained_copy):
-    stage = trained_copy / "model"
+def test_case10_unfinished_saves_are_removed_at_start(straight_copy):
+    stage = straight_copy / "model"
     left = [stage / ckpt_lib.LAST_DIR / "6.orbax-checkpoint-tmp-123",
             stage / ckpt_lib.BEST_DIR / "6.orbax-checkpoint-tmp-456"]
     for directory in left:
@@ -331,7 +345,7 @@ def test_case10_unfinished_saves_are_removed_at_start(trained_copy):
     ours.write_text("not orbax's")
     checkpointer = ckpt_lib.StageCheckpointer(stage, {}, {})
     assert not any(d.exists() for d in left) and ours.exists()
-    assert checkpointer.latest_step() == 4
+    assert checkpointer.latest_step() == 5
 
 
 # 11. Every JSONL log is cut back to the resumed step ----------------------------------
@@ -354,24 +368,6 @@ KILL_ARGS = [*SYNTHETIC, f"--config.data.synthetic_shape={SHAPE}", "--config.dat
              "--config.train.num_devices=2"]
 
 
-def kill_config():
-    """KILL_ARGS applied in-process, as ``configs/supervised.py:demo`` gets them."""
-    config = config_lib.synthetic(load_config("supervised"), steps=5)
-    config.data.synthetic_shape, config.data.validation_size = (16, 16, 3), 0
-    config.model.name = "resnet8"
-    config.optim.batch_size, config.optim.epochs = 64, 3
-    config.train.update(eval_every_steps=2, num_devices=2)
-    return config
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The uninterrupted run every killed-and-resumed run must reproduce bit for bit."""
-    workdir = tmp_path_factory.mktemp("straight")
-    results = supervised.run(kill_config(), workdir)["model"]
-    return workdir, results
-
-
 KILL_POINTS = ["after_log@3", "inside_last_save@4", "inside_best_save@4", "between_saves@4",
                "after_saves@4"]
 DEFAULT_POINTS = ("after_log@3", "inside_last_save@4")
@@ -379,17 +375,17 @@ DEFAULT_POINTS = ("after_log@3", "inside_last_save@4")
 
 @pytest.mark.parametrize("point", [
     p if p in DEFAULT_POINTS else pytest.param(p, marks=pytest.mark.slow) for p in KILL_POINTS])
-def test_kill_9_then_resume_is_bit_identical(point, straight, tmp_path, capsys):
+def test_kill_9_then_resume_is_bit_identical(point, straight, tmp_path):
     proc = kdjax_cli("--config=configs/supervised.py:demo", f"--workdir={tmp_path}",
                      *KILL_ARGS, env_extra={ckpt_lib.KILL_ENV: point})
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == -9, err[-2000:]
     assert main.run(kill_config(), str(tmp_path)) == 0  # resumes (and takes over the lock)
-    stage, reference = tmp_path / "model", straight[0] / "model"
-    assert_same_variables(final_params(tmp_path), final_params(straight[0]))
-    assert train_lines(stage) == train_lines(reference) == [1, 2, 3, 4, 5]
+    stage = tmp_path / "model"
+    assert_same_variables(final_params(tmp_path), final_params(straight))
+    assert train_lines(stage) == train_lines(straight / "model") == [1, 2, 3, 4, 5]
     results = json.loads((stage / "results.json").read_text())
-    assert results["best_step"] == straight[1]["best_step"]
+    assert results["best_step"] == 5
     assert steps_in(stage / ckpt_lib.BEST_DIR) == [results["best_step"]]
     leftovers = [p for d in (ckpt_lib.LAST_DIR, ckpt_lib.BEST_DIR)
                  for p in (stage / d).iterdir() if ckpt_lib.ORBAX_TMP_MARK in p.name]

@@ -237,7 +237,11 @@ def fit(
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
         )
-        state, data_state, progress = checkpointer.restore(abstract)
+        try:
+            state, data_state, progress = checkpointer.restore(abstract)
+        except BaseException:
+            checkpointer.close()
+            raise
         train_iter.set_state(data_state)
         log.info("[%s] resumed from step %d", stage.name, int(state.step))
     ckpt_lib.save_json(stage.dir / "config.json", config_dict)  # after the resume checks

@@ -67,7 +67,7 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
 
 def truncate_logs(stage_dir, step: int) -> None:
     """Drop the records with ``"step" > step`` from every ``*.jsonl`` in ``stage_dir``
-    (and an unparsable last line a kill left half-written); atomic rewrite, process 0.
+    (and a broken line, such as one a kill left half-written); atomic rewrite, process 0.
 
     Called when a stage starts at ``step`` (0 when fresh): lines a killed run logged
     after its last checkpoint are replayed, not repeated.
@@ -76,17 +76,18 @@ def truncate_logs(stage_dir, step: int) -> None:
         return
     for path in sorted(pathlib.Path(stage_dir).glob("*.jsonl")):
         lines = path.read_text().splitlines()
-        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        kept = [line for line in lines if _logged_by(line, step)]
         if len(kept) != len(lines):
             ckpt_lib.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def _step_of(line: str) -> int | None:
-    """The ``step`` of a JSONL record, None for a blank, broken or step-less line."""
+def _logged_by(line: str, step: int) -> bool:
+    """Whether a JSONL line is a record of step ``step`` or earlier (or has no step)."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return not isinstance(record, dict) or int(record.get("step", step)) <= step
 
 
 def format_duration(seconds: float) -> str:
