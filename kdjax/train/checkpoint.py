@@ -60,7 +60,8 @@ ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
 # change logging, evaluation cadence, placement or the step cap, not the training.
 RESUME_FREE_KEYS = frozenset({
     "train.log_every_steps", "train.eval_every_steps", "train.eval_batch_size",
-    "train.num_devices", "train.distributed", "train.max_steps",
+    "train.num_devices", "train.distributed", "train.coordinator_address",
+    "train.num_processes", "train.process_id", "train.max_steps",
     "train.allow_config_change", "data.num_workers", "data.data_dir",
 })
 
@@ -473,3 +474,14 @@ def load_variables(path: pathlib.Path | str, prefer: str = BEST_DIR) -> tuple[di
         raise CheckpointError(f"could not read the arrays of {where}: {err}") from err
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     return meta["model"], variables
+
+
+def save_variables(stage_dir, spec: dict, variables: dict, config: dict) -> None:
+    """Write ``{'params', 'batch_stats'}`` as a stage directory's ``best/0`` checkpoint, so
+    ``load_variables(stage_dir)`` and ``--config.teacher.checkpoint=stage_dir`` read it
+    (used for teachers made elsewhere, e.g. by ``kdjax.convert_torch``)."""
+    meta = {"model": spec, "config": config, "progress": {}}
+    manager = _manager(pathlib.Path(stage_dir) / BEST_DIR, max_to_keep=1)
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(variables),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    manager.close()

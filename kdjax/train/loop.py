@@ -361,8 +361,8 @@ def _evaluate_and_save(stage, state, step, compiled_eval, eval_data, mesh, write
 def _final_results(stage, state, compiled_eval, eval_data, mesh, progress,
                    checkpointer) -> dict:
     """Results of a finished stage: last-epoch and best-epoch test accuracy, both logged
-    because published tables use either (see PAPERS.md); ``best_step`` is the step of
-    the checkpoint in ``best/``."""
+    because published tables use either (see docs/distillation_losses.md); ``best_step`` is
+    the step of the checkpoint in ``best/``."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     step = int(jax.device_get(state.step))
     test = _evaluate(stage, variables, "test", eval_data.test, compiled_eval, eval_data, mesh,
