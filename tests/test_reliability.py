@@ -380,8 +380,12 @@ def test_kill_9_then_resume_is_bit_identical(point, straight, tmp_path):
                      *KILL_ARGS, env_extra={ckpt_lib.KILL_ENV: point})
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == -9, err[-2000:]
-    assert main.run(kill_config(), str(tmp_path)) == 0  # resumes (and takes over the lock)
     stage = tmp_path / "model"
+    if point.startswith("inside_"):  # killed with the step's files in orbax's tmp directory
+        manager_dir = ckpt_lib.LAST_DIR if "last" in point else ckpt_lib.BEST_DIR
+        assert [p.name.split(".")[0] for p in (stage / manager_dir).iterdir()
+                if ckpt_lib.ORBAX_TMP_MARK in p.name] == ["4"]
+    assert main.run(kill_config(), str(tmp_path)) == 0  # resumes (and takes over the lock)
     assert_same_variables(final_params(tmp_path), final_params(straight))
     assert train_lines(stage) == train_lines(straight / "model") == [1, 2, 3, 4, 5]
     results = json.loads((stage / "results.json").read_text())

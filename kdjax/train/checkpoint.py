@@ -128,6 +128,7 @@ def write_atomic(path, text: str) -> None:
     path = epath.Path(path)
     fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, os.fspath(path))
