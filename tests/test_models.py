@@ -88,11 +88,29 @@ def test_batch_norm_momentum_and_epsilon():
                                rtol=1e-5, atol=1e-6)
 
 
+def _halvings(size, floor, *steps):
+    """size halved cumulatively by each step count (floor or ceil division)."""
+    out = []
+    for k in steps:
+        size = size // 2 ** k if floor else -(-size // 2 ** k)
+        out.append(size)
+    return out
+
+
 def _expected_spatial(name, size):
-    """Spatial size of each stage tap (stem included for ResNet/WRN) for a size x size input."""
+    """Spatial size of each 4-d tap (stem included where there is one) for a size x size
+    input: floor for max-pools without padding, ceil for padded stride-2 convs/pools."""
+    if name in ("vgg6", "vgg11_cifar", "vgg16_cifar"):
+        return _halvings(size, True, 0, 1, 1, 1, 1)
     if name.startswith("vgg"):
-        return [size, size // 2, size // 4, size // 8, size // 8]
-    return [size, size, -(-size // 2), -(-size // 4)]
+        return _halvings(size, True, 0, 1, 1, 1, 0)
+    if name.startswith("mobilenet"):
+        return _halvings(size, False, 0, 0, 1, 1, 1, 1)
+    if name in ("resnet18", "resnet34", "resnet50"):  # conv 7x7/2 then max-pool 3x3/2
+        return _halvings(size, False, 2, 0, 1, 1, 1)
+    if name.endswith("_cifar"):
+        return _halvings(size, False, 0, 0, 1, 1, 1)
+    return _halvings(size, False, 0, 0, 1, 1)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

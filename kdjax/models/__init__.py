@@ -21,12 +21,14 @@ from collections.abc import Mapping
 
 import flax.linen as nn
 
-from kdjax.models import common, resnet, vgg, wrn
+from kdjax.models import common, imagenet_resnet, mobilenet, resnet, vgg, wrn
 
 _REGISTRY = {
     **{name: (resnet.CifarResNet, cfg) for name, cfg in resnet.CONFIGS.items()},
     **{name: (wrn.WideResNet, cfg) for name, cfg in wrn.CONFIGS.items()},
     **{name: (vgg.VGG, cfg) for name, cfg in vgg.CONFIGS.items()},
+    **{name: (imagenet_resnet.ResNet, cfg) for name, cfg in imagenet_resnet.CONFIGS.items()},
+    **{name: (mobilenet.MobileNet, cfg) for name, cfg in mobilenet.CONFIGS.items()},
 }
 
 # Named width variants of zoo models: name -> (base model, group widths).

@@ -37,16 +37,29 @@ def conv1x1(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
                    kernel_init=CONV_INIT, name=name)
 
 
+def depthwise3x3(channels: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+    """Bias-free depthwise 3x3 convolution, padding 1 (one filter per channel):
+    [B, H, W, channels] -> [B, ceil(H/s), ceil(W/s), channels]; kernel [3, 3, 1, channels]."""
+    return nn.Conv(channels, (3, 3), strides=(stride, stride),
+                   padding=((1, 1), (1, 1)), feature_group_count=channels,
+                   use_bias=False, kernel_init=CONV_INIT, name=name)
+
+
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
     """BatchNorm over the channel axis; batch statistics when `train`, running ones otherwise."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=1e-5, name=name)
 
 
+def dense(features: int, name: str) -> nn.Dense:
+    """Linear layer, PyTorch-style kernel init and a zero bias: [B, C] -> [B, features]."""
+    return nn.Dense(features, kernel_init=DENSE_INIT,
+                    bias_init=nn.initializers.zeros, name=name)
+
+
 def classifier(num_classes: int, name: str = "fc") -> nn.Dense:
     """Linear head: [B, C] -> [B, num_classes]."""
-    return nn.Dense(num_classes, kernel_init=DENSE_INIT,
-                    bias_init=nn.initializers.zeros, name=name)
+    return dense(num_classes, name)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
