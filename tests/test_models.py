@@ -217,6 +217,11 @@ def _zero_channel(model, group, channel):
     ("wrn_16_2", "stage2", ["stage2"]),
     ("wrn_16_1", "stage1", ["stem", "stage1"]),
     ("wrn_16_2", "stage3", ["stage3", "embedding"]),
+    ("resnet18", "stage1", ["stem", "stage1"]),
+    ("resnet50", "stem", ["stem"]),
+    ("resnet50", "stage2", ["stage2"]),
+    ("mobilenet9", "stage2.block1", ["stage2"]),
+    ("vgg16_cifar", "stage3.conv2", ["stage3"]),
 ])
 def test_zeroed_stream_channel_in_taps(name, group, taps):
     model = get_model(name, NUM_CLASSES)
@@ -293,7 +298,8 @@ def test_vmap_over_mask_population():
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8"])
+@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8", "resnet18", "mobilenet9",
+                                  "vgg11_cifar"])
 def test_start_stop_compose(name):
     model = get_model(name, NUM_CLASSES)
     variables = random_variables(model, 10)
@@ -328,7 +334,7 @@ def test_start_stop_validation():
         model.apply(variables, x, start="stage2", stop="stage1")
 
 
-@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8"])
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "vgg16_cifar", "mobilenet9"])
 def test_train_mode_updates_batch_stats(name):
     model = get_model(name, NUM_CLASSES)
     variables = random_variables(model)
