@@ -111,7 +111,8 @@ class ZooModel(nn.Module):
     """Shared interface of the zoo's networks (subclasses define the fields).
 
     Subclasses set the class constant ``TAPS`` (feature taps in forward order), a
-    ``widths`` field (sorted (group, channels) overrides) and ``unpruned_groups()``.
+    ``widths`` field (sorted (group, channels) overrides), ``unpruned_groups()`` and
+    ``segments()``; the masked, splittable ``__call__`` is shared.
     """
 
     TAPS = ()  # class constant (not annotated, so not a dataclass field)
@@ -127,6 +128,25 @@ class ZooModel(nn.Module):
     def taps(self) -> tuple[str, ...]:
         """Feature tap names in forward order."""
         return self.TAPS
+
+    def segments(self, groups: dict[str, int], masks: Mapping[str, jax.Array] | None,
+                 train: bool) -> tuple[Callable[[jax.Array], jax.Array], ...]:
+        """The forward pass as one callable per tap of ``TAPS`` (producing that tap from
+        the previous one), then one producing the logits (see `run_segments`). Called
+        inside ``__call__``, so the callables may create submodules."""
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None,
+                 train: bool = False, start: str | None = None,
+                 stop: str | None = None):
+        """Forward pass from `start` (None: image) to `stop` (None: logits).
+
+        Returns (logits [B, num_classes] or None if stopped at a tap, features).
+        """
+        groups = self.mask_groups()
+        check_masks(masks, groups)
+        return run_segments(self.TAPS, self.segments(groups, masks, train), x, start, stop)
 
 
 def resolve_widths(defaults: Mapping[str, int], overrides: Widths) -> dict[str, int]:

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 
 from kdjax.models import common
-from kdjax.models.resnet import BasicBlock
+from kdjax.models.resnet import BasicBlock, residual_output
 
 TAPS = ("stem", "stage1", "stage2", "stage3", "stage4", "embedding")
 STRIDES = (1, 2, 2, 2)
@@ -105,10 +105,7 @@ class Bottleneck(nn.Module):
         h = common.apply_mask(h, inner_masks[1])
         h = common.conv1x1(self.out_width, name="conv3")(h)
         h = common.batch_norm(train, "bn3")(h)
-        if self.projection:
-            x = common.conv1x1(self.out_width, self.stride, name="shortcut_conv")(x)
-            x = common.batch_norm(train, "shortcut_bn")(x)
-        return common.apply_mask(nn.relu(h + x), out_mask)
+        return residual_output(h, x, self.stride, self.projection, out_mask, train)
 
 
 class ResNet(common.ZooModel):
@@ -139,16 +136,9 @@ class ResNet(common.ZooModel):
             return BasicBlock(inner_width=inner[0], **fields)
         return Bottleneck(inner_widths=inner, **fields)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None,
-                 train: bool = False, start: str | None = None,
-                 stop: str | None = None):
-        """Forward pass from `start` (None: image) to `stop` (None: logits).
-
-        Returns (logits [B, num_classes] or None if stopped at a tap, features).
-        """
-        groups = self.mask_groups()
-        common.check_masks(masks, groups)
+    def segments(self, groups: dict[str, int], masks: Mapping[str, jax.Array] | None,
+                 train: bool) -> tuple:
+        """The forward pass split at the taps (see `common.ZooModel`)."""
 
         def stem(h):
             group = stem_group(self.block)
@@ -178,4 +168,4 @@ class ResNet(common.ZooModel):
             return common.classifier(self.num_classes)(h)
 
         segments = (stem, *(stage(s) for s in range(1, 5)), common.global_avg_pool, head)
-        return common.run_segments(TAPS, segments, x, start, stop)
+        return segments

@@ -88,16 +88,9 @@ class MobileNet(common.ZooModel):
     def unpruned_groups(self) -> dict[str, int]:
         return default_groups(self.stages)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None,
-                 train: bool = False, start: str | None = None,
-                 stop: str | None = None):
-        """Forward pass from `start` (None: image) to `stop` (None: logits).
-
-        Returns (logits [B, num_classes] or None if stopped at a tap, features).
-        """
-        groups = self.mask_groups()
-        common.check_masks(masks, groups)
+    def segments(self, groups: dict[str, int], masks: Mapping[str, jax.Array] | None,
+                 train: bool) -> tuple:
+        """The forward pass split at the taps (see `common.ZooModel`)."""
         names = list(groups)  # each block's input group is the group produced before it
 
         def stem(h):
@@ -122,4 +115,4 @@ class MobileNet(common.ZooModel):
 
         segments = (stem, *(stage(s) for s in range(1, len(self.stages) + 1)),
                     common.global_avg_pool, head)
-        return common.run_segments(TAPS, segments, x, start, stop)
+        return segments

@@ -96,16 +96,9 @@ class VGG(common.ZooModel):
     def unpruned_groups(self) -> dict[str, int]:
         return default_groups(self.stage_widths)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None,
-                 train: bool = False, start: str | None = None,
-                 stop: str | None = None):
-        """Forward pass from `start` (None: image) to `stop` (None: logits).
-
-        Returns (logits [B, num_classes] or None if stopped at a tap, features).
-        """
-        groups = self.mask_groups()
-        common.check_masks(masks, groups)
+    def segments(self, groups: dict[str, int], masks: Mapping[str, jax.Array] | None,
+                 train: bool) -> tuple:
+        """The forward pass split at the taps (see `common.ZooModel`)."""
 
         def stage(s):
             def run(h):
@@ -129,4 +122,4 @@ class VGG(common.ZooModel):
             return common.classifier(self.num_classes)(h)
 
         segments = (*(stage(s) for s in range(1, 6)), _HEAD_POOLS[self.head_pool], head)
-        return common.run_segments(TAPS, segments, x, start, stop)
+        return segments
