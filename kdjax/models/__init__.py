@@ -37,7 +37,7 @@ _REGISTRY = {
 # resnet20_pdd: the "ResNet20" of PDD's public code, which widens the inner channels of
 # the last block of stages 1 and 2. Widths 32 and 144 add +21.24M MACs and +69.4k params
 # (10 classes, 32x32) to resnet20 (our count: 40.81M / 272,474 -> 62.05M / 341,850),
-# the same increments as PAPERS.md's 40.6M / 0.270M -> 61.8M / 0.339M, whose base count
+# the same increments as docs/pdd.md's 40.6M / 0.270M -> 61.8M / 0.339M, whose base count
 # differs from ours by a constant ~0.2M MACs / 2.5k params (a counting convention).
 VARIANTS = {
     "resnet20_pdd": ("resnet20", {"stage1.block2": 32, "stage2.block2": 144}),

@@ -75,7 +75,7 @@ def controller_transform(controller_cfg, num_classes: int, steps_per_epoch: int)
     c = controller_cfg
     if c.kind not in KINDS:
         raise ValueError(f"dynamic_kd.controller.kind={c.kind!r} is not implemented; valid: "
-                         f"{', '.join(KINDS)} (the per-sample head of PAPERS.md is not built)")
+                         f"{', '.join(KINDS)} (no per-sample head: docs/dynamic_kd.md)")
     return controllers.entropy_controller(
         learning_rate=c.lr, init=c.init, clip=tuple(c.clip), kind=c.kind,
         num_classes=num_classes if c.kind == "per_class" else None, mode=c.mode,
