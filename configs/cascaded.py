@@ -23,7 +23,8 @@ Demo on the embedded Fashion-MNIST (resnet20 trained first, 2 TAs, 50 % MACs tar
 Keys (``cascade``): method; num_tas (0–3); spacing ("geometric" | "linear", levels and
 events); num_events E and prune_every_epochs (events at P, 2P, …, E·P steps, P =
 round(prune_every_epochs · steps per epoch)); normalize (per-group saliency normalisation
-"mean" | "l2" | "none"); teacher_stop_gradient (no gradient through the teacher side of a
+"mean" | "l2" | "none"); round_to (kept widths rounded down to a multiple, 1 = off;
+groups narrower than it keep their width); teacher_stop_gradient (no gradient through the teacher side of a
 pair); optim (the cascade stage); finetune (student KD fine-tuning, epochs 0 = off);
 taylor_batches (oneshot_taylor). ``distill``: method ("kd"), temperature, ce_weight γ,
 weight β: loss Σ_k [γ·CE(s_k) + β·T²·KL(t_k ‖ s_k)].
@@ -74,6 +75,7 @@ def cascade_section(optim_cfg, num_events, prune_every_epochs, **overrides):
         num_events=num_events,       # E pruning events ...
         prune_every_epochs=prune_every_epochs,  # ... every P = round(this · steps/epoch)
         normalize="mean",            # per-group saliency normalisation: mean | l2 | none
+        round_to=1,                  # kept widths rounded down to multiples (8/16 CPU, 128 TPU)
         teacher_stop_gradient=True,  # no gradient through t_k in KD(t_k → s_k)
         optim=optim_cfg,
         finetune=config_lib.optim(epochs=0, batch_size=optim_cfg.batch_size, lr=0.01,

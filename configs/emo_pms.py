@@ -60,6 +60,7 @@ def emo_section(**overrides) -> ml_collections.ConfigDict:
                                   weight_decay=1e-4),
         finetune_kd=False,         # fine-tune with Hinton KD from the unpruned network
         kd_temperature=4.0, kd_ce_weight=0.1, kd_weight=0.9,
+        round_to=1,                # kept widths rounded down to multiples (8/16 CPU, 128 TPU)
     )
     emo.update(overrides)
     return ml_collections.ConfigDict(emo)

@@ -203,7 +203,8 @@ def make_schedule(model, input_shape, cfg, target: float, steps_per_epoch: int,
 
 
 def make_cascade_step(model, tx, schedule: Schedule, pair_loss, *, ce_weight: float,
-                      stop_gradient: bool, input_shape, normalize: str, taps=()):
+                      stop_gradient: bool, input_shape, normalize: str, taps=(),
+                      round_to: int = 1):
     """``step(state, batch, teacher_variables) -> (state, metrics)`` for loop.fit.
 
     One forward of all levels, the joint loss (``cascade.cascade_loss``), an optimizer
@@ -222,7 +223,8 @@ def make_cascade_step(model, tx, schedule: Schedule, pair_loss, *, ce_weight: fl
     def prune(args):
         masks, total, count, e = args
         mean = jax.tree.map(lambda s: s / count, total)
-        new = cascade_lib.prune_event(mean, masks, targets[e], model, input_shape, normalize)
+        new = cascade_lib.prune_event(mean, masks, targets[e], model, input_shape, normalize,
+                                      round_to)
         return new, jax.tree.map(jnp.zeros_like, total), jnp.zeros_like(count)
 
     def step(state: CascadeState, batch: dict, teacher_variables=None):
@@ -284,7 +286,8 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
                                 jax.random.PRNGKey(config.seed + 1))
     step = make_cascade_step(model, tx, schedule, pair_loss, ce_weight=config.distill.ce_weight,
                              stop_gradient=cfg.teacher_stop_gradient,
-                             input_shape=ctx.input_shape, normalize=cfg.normalize, taps=taps)
+                             input_shape=ctx.input_shape, normalize=cfg.normalize, taps=taps,
+                             round_to=cfg.round_to)
     stage = loop.Stage(
         name="cascade", dir=ctx.workdir / "cascade", total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, global_batch_size=batch_size,
@@ -414,7 +417,8 @@ def oneshot_masks(ctx, model, variables, kind: str) -> dict:
             scores = jax.tree.map(jnp.add, scores, batch_scores(batch["image"], batch["label"]))
     macs = cost_lib.model_cost(model, ctx.input_shape)["macs"]
     return saliency.prune_to(scores, ones, macs_target=ctx.config.target_flops_ratio * macs,
-                             model=model, input_shape=ctx.input_shape, normalize=cfg.normalize)
+                             model=model, input_shape=ctx.input_shape, normalize=cfg.normalize,
+                             round_to=cfg.round_to)
 
 
 def run_oneshot(ctx, model, variables, teacher_results: dict) -> tuple[list[dict], dict]:
@@ -505,6 +509,7 @@ def validate(config) -> None:
     if cfg.normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown cascade.normalize {cfg.normalize!r} (per-group saliency "
                          f"normalisation); valid: {', '.join(NORMALIZATIONS)}")
+    saliency.check_round_to(cfg.round_to)
     pair_loss_from_config(config.distill)
 
 

@@ -630,6 +630,7 @@ def run(config, workdir) -> dict:
     emo = config.emo
     if emo.method not in METHODS:
         raise ValueError(f"unknown emo.method {emo.method!r}; valid: {', '.join(METHODS)}")
+    saliency.check_round_to(emo.round_to)
     if emo.crossover not in CROSSOVERS:
         raise ValueError(f"unknown emo.crossover {emo.crossover!r}; valid: {sorted(CROSSOVERS)}")
     ctx = common.setup(config, workdir)
@@ -646,8 +647,11 @@ def run(config, workdir) -> dict:
     else:
         masks, params, info = search_uniform(ctx, net)
     info["seconds"] = time.perf_counter() - t0
-    return finish(ctx, net, masks, with_params(net.variables, params), info, teacher_results,
-                  out_dir)
+    variables = with_params(net.variables, params)
+    if emo.round_to > 1:  # only removes channels: the MACs budget still holds
+        masks = saliency.round_masks(saliency.l1_scores(net.model, variables["params"]),
+                                     masks, emo.round_to)
+    return finish(ctx, net, masks, variables, info, teacher_results, out_dir)
 
 
 def finish(ctx, net: Network, masks: dict, variables: dict, info: dict,

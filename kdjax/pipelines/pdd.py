@@ -23,6 +23,7 @@ from kdjax.models.learned_masks import LearnedMasks, binary_masks
 from kdjax.pipelines import common
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
+from kdjax.pruning import saliency
 from kdjax.train import checkpoint as ckpt_lib
 
 log = logging.getLogger("kdjax")
@@ -77,8 +78,9 @@ def reduction(pruned: dict, reference: dict) -> dict:
 
 def run(config, workdir) -> dict:
     """Teacher → (KD baseline) → KD with learned masks → compact → fine-tune."""
-    ctx = common.setup(config, workdir)
     pdd = config.pdd
+    saliency.check_round_to(pdd.round_to)
+    ctx = common.setup(config, workdir)
     teacher_model, teacher_vars, teacher_results = common.obtain_teacher(ctx)
     student = models.get_model(config.student.name, ctx.num_classes)
     common.check_pair(teacher_model, student, ctx)
@@ -101,6 +103,10 @@ def run(config, workdir) -> dict:
     _, best = ckpt_lib.load_variables(ctx.workdir / "masks", prefer=ckpt_lib.BEST_DIR)
     groups = models.mask_groups(student)
     masks = binary_masks(best["params"], groups)
+    if pdd.round_to > 1:  # round down to multiples, dropping the lowest-logit channels
+        logits = best["params"]["mask_logits"]
+        masks = saliency.round_masks({g: logits.get(g, masks[g]) for g in groups}, masks,
+                                     pdd.round_to)
     inner = {"params": best["params"]["model"], "batch_stats": best["batch_stats"]["model"]}
     small_model, small_vars = compact_lib.compact(student, inner, masks)
     kept = {g: int(round(float(masks[g].sum()))) for g in groups}

@@ -1,0 +1,120 @@
+"""Issue 17 speed options: channel rounding, pruned-latency bench, population evaluation
+strategies, the matmul kernel-gradient convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import models
+from kdjax.pruning import cascade, cost, saliency, split
+from kdjax.pruning import masks as masks_lib
+
+SHAPE = (32, 32, 3)
+MODEL = models.get_model("resnet20", 10)
+GROUPS = models.mask_groups(MODEL)
+
+
+def rounded_ok(kept: int, width: int, multiple: int) -> bool:
+    """The documented rule: dense width, narrower than the multiple, or a multiple."""
+    return kept == width or 1 <= kept < multiple or kept % multiple == 0
+
+
+def built_macs(masks) -> float:
+    """MACs of the physically narrower model (its own shapes, not the masked count)."""
+    small = models.get_model("resnet20", 10, widths=masks_lib.count_kept(masks))
+    return cost.model_cost(small, SHAPE)["macs"]
+
+
+def random_scores(seed):
+    rng = np.random.default_rng(seed)
+    return {g: jnp.asarray(rng.exponential(size=c), jnp.float32) for g, c in GROUPS.items()}
+
+
+def test_round_counts_rule():
+    for multiple in (1, 3, 8, 16):
+        for width in (5, 16, 24, 64):
+            kept = np.arange(1, width + 1)
+            got = np.asarray(saliency.round_counts(kept, width, multiple))
+            want = [k if (k == width or k < multiple) else multiple * (k // multiple)
+                    for k in kept]
+            np.testing.assert_array_equal(got, want)
+            assert np.all(got <= kept) and np.all(np.diff(got) >= 0)
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True, "8"])
+def test_round_to_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="round_to"):
+        saliency.check_round_to(bad)
+
+
+def test_round_masks_keeps_top_scoring_subset():
+    rng = np.random.default_rng(3)
+    scores = random_scores(4)
+    masks = {g: jnp.asarray(rng.random(c) < 0.8, jnp.float32) for g, c in GROUPS.items()}
+    out = saliency.round_masks(scores, masks, 8)
+    for g, c in GROUPS.items():
+        m, o, s = np.asarray(masks[g]), np.asarray(out[g]), np.asarray(scores[g])
+        assert np.all(o <= m)
+        k = int(o.sum())
+        assert rounded_ok(k, c, 8) and k <= m.sum()
+        alive = np.flatnonzero(m)
+        top = alive[np.argsort(-s[alive], kind="stable")[:k]]
+        np.testing.assert_array_equal(np.flatnonzero(o), np.sort(top))
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+@pytest.mark.parametrize("ratio", [0.3, 0.8])
+def test_prune_to_rounded_keeps_macs_budget(multiple, ratio):
+    ones = masks_lib.ones_masks(MODEL)
+    full = cost.model_cost(MODEL, SHAPE)["macs"]
+    scores = random_scores(int(ratio * 100) + multiple)
+    prune = jax.jit(lambda s, t: saliency.prune_to(s, ones, macs_target=t, model=MODEL,
+                                                   input_shape=SHAPE, round_to=multiple))
+    out = prune(scores, ratio * full)
+    assert built_macs(out) <= ratio * full
+    # The prefix is chosen on rounded MACs: at least as wide as rounding the plain result.
+    plain = saliency.prune_to(scores, ones, macs_target=ratio * full, model=MODEL,
+                              input_shape=SHAPE)
+    norm = saliency.normalize_scores(scores, ones)
+    assert built_macs(out) >= built_macs(saliency.round_masks(norm, plain, multiple))
+    for g, c in GROUPS.items():
+        assert rounded_ok(int(out[g].sum()), c, multiple), (g, int(out[g].sum()))
+
+
+def test_prune_to_keep_ratio_rounds_down():
+    ones = masks_lib.ones_masks(MODEL)
+    scores = random_scores(7)
+    plain = saliency.prune_to(scores, ones, keep_ratio=0.6)
+    out = saliency.prune_to(scores, ones, keep_ratio=0.6, round_to=8)
+    for g, c in GROUPS.items():
+        assert np.all(np.asarray(out[g]) <= np.asarray(plain[g]))
+        assert rounded_ok(int(out[g].sum()), c, 8)
+
+
+def test_prune_event_rounded_keeps_nesting_and_targets():
+    levels = 3
+    ones = {g: jnp.ones((levels, c), jnp.float32) for g, c in GROUPS.items()}
+    rng = np.random.default_rng(5)
+    scores = {g: jnp.asarray(rng.exponential(size=(levels, c)), jnp.float32)
+              for g, c in GROUPS.items()}
+    full = cost.model_cost(MODEL, SHAPE)["macs"]
+    targets = jnp.asarray([full, 0.6 * full, 0.3 * full], jnp.float32)
+    out = jax.device_get(cascade.prune_event(scores, ones, targets, MODEL, SHAPE,
+                                             round_to=8))
+    assert cascade.is_nested(out)
+    for k in range(1, levels):
+        level = cascade.level(out, k)
+        assert built_macs(level) <= float(targets[k])
+        for g, c in GROUPS.items():
+            assert rounded_ok(int(level[g].sum()), c, 8)
+
+
+def test_uniform_for_budget_rounded():
+    table = cost.cost_table(MODEL, SHAPE)
+    full = cost.model_cost(MODEL, SHAPE)["macs"]
+    for budget in (0.2, 0.5, 0.9):
+        out = split.uniform_for_budget(table, GROUPS, budget * full, round_to=16)
+        assert built_macs(out) <= budget * full
+        for g, c in GROUPS.items():
+            assert rounded_ok(int(out[g].sum()), c, 16)
