@@ -61,6 +61,9 @@ def emo_section(**overrides) -> ml_collections.ConfigDict:
         finetune_kd=False,         # fine-tune with Hinton KD from the unpruned network
         kd_temperature=4.0, kd_ce_weight=0.1, kd_weight=0.9,
         round_to=1,                # kept widths rounded down to multiples (8/16 CPU, 128 TPU)
+        population_eval="vmap",    # loop | vmap | map (lax.map chunks) | auto (timed each)
+        population_chunk=0,        # map: candidates per chunk (0 = one at a time)
+        population_devices=1,      # devices the candidates are split over (0 = all)
     )
     emo.update(overrides)
     return ml_collections.ConfigDict(emo)

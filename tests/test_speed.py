@@ -1,14 +1,18 @@
 """Issue 17 speed options: channel rounding, pruned-latency bench, population evaluation
 strategies, the matmul kernel-gradient convolution."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kdjax import models
+from kdjax.pipelines import emo_pms
 from kdjax.pruning import cascade, cost, saliency, split
 from kdjax.pruning import masks as masks_lib
+from kdjax.train import population, sharding
 
 SHAPE = (32, 32, 3)
 MODEL = models.get_model("resnet20", 10)
@@ -118,3 +122,60 @@ def test_uniform_for_budget_rounded():
         assert built_macs(out) <= budget * full
         for g, c in GROUPS.items():
             assert rounded_ok(int(out[g].sum()), c, 16)
+
+
+# --- population evaluation ------------------------------------------------------
+
+def subnet_problem(num_candidates=5):
+    """A resnet8 sub-network's evaluator factory and its arguments (tests/test_emo_pms)."""
+    from test_emo_pms import tiny_network
+
+    net = tiny_network()
+    sub = split.split(net.model, ("stage1", "stage2", "stage3"), SHAPE)[1]
+    build = functools.partial(emo_pms.make_evaluator, net.model, sub.groups,
+                              lambda m: split.retained_ratio(net.table, m), sub.start,
+                              sub.stop, models.mask_groups(net.model))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(8, *SHAPE)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 8))
+    h = net.model.apply(net.variables, x, stop=sub.start)[1][sub.start]
+    out = net.model.apply(net.variables, h, start=sub.start, stop=sub.stop)[1][sub.stop]
+    selector = {"w": jnp.asarray(rng.normal(size=(out.shape[-1], 10)), jnp.float32),
+                "b": jnp.zeros(10)}
+    genomes = jnp.asarray(rng.random((num_candidates, len(split.layout(sub.groups)))) < 0.6)
+    return build, genomes, (net.variables, selector, h, labels)
+
+
+def test_population_strategies_agree_sharded_or_not():
+    build, genomes, args = subnet_problem()
+    want = np.asarray(jax.jit(build("vmap"))(genomes, *args))
+    mesh = sharding.make_mesh(2)
+    placed = sharding.replicate((genomes, *args), mesh)
+    for strategy, chunk, where in [("loop", 0, None), ("map", 0, None), ("map", 2, None),
+                                   ("vmap", 0, mesh), ("loop", 0, mesh), ("map", 2, mesh)]:
+        inputs = placed if where is not None else (genomes, *args)
+        got = np.asarray(jax.jit(build(strategy, chunk, where))(*inputs))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{strategy} chunk {chunk} mesh {where}")
+
+
+def test_sharded_population_splits_candidates_over_devices():
+    seen = []
+
+    def evaluate(xs, w):
+        seen.append(xs.shape[0])  # trace time: the per-device slice
+        return xs * w
+
+    mesh = sharding.make_mesh(2)
+    xs = jnp.arange(5.0)
+    out = jax.jit(population.sharded(evaluate, mesh))(*sharding.replicate((xs, 3.0), mesh))
+    np.testing.assert_array_equal(np.asarray(out), 3.0 * np.arange(5.0))
+    assert seen == [3]  # ⌈5 / 2⌉ candidates per device (padded with a copy of row 0)
+    assert len(out.sharding.device_set) == 2
+
+
+def test_fastest_picks_a_strategy_and_rejects_unknown():
+    fns = {s: population.batched(lambda x, w: x * w, s) for s in population.STRATEGIES}
+    assert population.fastest(fns, (jnp.ones((4, 3)), 2.0), repeats=1) in population.STRATEGIES
+    with pytest.raises(ValueError, match="population evaluation"):
+        population.check_strategy("scan")

@@ -50,7 +50,7 @@ from kdjax.pruning import masks as masks_lib
 from kdjax.pruning import saliency
 from kdjax.pruning import split as split_lib
 from kdjax.train import checkpoint as ckpt_lib
-from kdjax.train import loop
+from kdjax.train import loop, population, sharding
 from kdjax.train.state import make_eval_step
 
 log = logging.getLogger("kdjax")
@@ -187,12 +187,15 @@ def train_selectors(net: Network, subnets, batches, steps: int, lr: float,
 # --------------------------------------------------------------------------
 
 
-def make_evaluator(model, groups: dict, ratio_fn, start, stop, all_groups: dict):
+def make_evaluator(model, groups: dict, ratio_fn, start, stop, all_groups: dict,
+                   strategy: str = "vmap", chunk: int = 0, mesh=None):
     """Vectorised fitness ``evaluate(genomes [P, G], variables, selector, h, labels) -> [P, 2]``.
 
     Candidate i: masks = genome_to_masks(genomes[i]) on ``groups``, ones elsewhere;
     objectives = (ratio_fn(masks), CE of the selector on the span's output
-    from input h [B, ...]), non-finite losses replaced by BAD_LOSS. One jax.vmap.
+    from input h [B, ...]), non-finite losses replaced by BAD_LOSS. The candidates are
+    evaluated by ``strategy`` ("loop" | "vmap" | "map" in chunks of ``chunk``) and split
+    over ``mesh``'s devices (kdjax.train.population).
     """
     ones = {g: jnp.ones((c,), jnp.float32) for g, c in all_groups.items() if g not in groups}
 
@@ -203,20 +206,35 @@ def make_evaluator(model, groups: dict, ratio_fn, start, stop, all_groups: dict)
         loss = jnp.where(jnp.isfinite(loss), loss, BAD_LOSS)
         return jnp.stack([ratio_fn(sub), loss])
 
-    def evaluate(genomes, variables, selector, h, labels):
-        return jax.vmap(one, in_axes=(0, None, None, None, None))(
-            genomes, variables, selector, h, labels)
+    return population.sharded(population.batched(one, strategy, chunk), mesh)
 
-    return evaluate
+
+def population_evaluators(emo, mesh, build) -> dict:
+    """{strategy: evaluator} for ``emo.population_eval`` (all three for "auto", timed by
+    ``nsga2_search`` at the first generation); build(strategy, chunk, mesh) -> evaluator."""
+    choice = population.check_strategy(emo.population_eval)
+    names = population.STRATEGIES if choice == "auto" else (choice,)
+    return {n: build(n, emo.population_chunk, mesh) for n in names}
+
+
+def population_mesh(emo):
+    """The mesh the search's candidates are split over (``emo.population_devices``,
+    0 = all devices), or None for one device."""
+    mesh = sharding.make_mesh(emo.population_devices)
+    return mesh if mesh.size > 1 else None
 
 
 _generation = jax.jit(nsga2.generation,
                       static_argnames=("evaluate_fn", "num_groups", "crossover_fn"))
 
 
-def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generations: int,
-                 label: str, target_ratio: float) -> dict:
+def nsga2_search(key, evaluators: dict, eval_args: tuple, groups: dict, emo, *,
+                 generations: int, label: str, target_ratio: float, mesh=None) -> dict:
     """NSGA-II over the channel bits of ``groups``; logs one line per generation.
+
+    evaluators: {strategy: evaluate} (``population_evaluators``); with more than one,
+    each is timed on the initial population and the fastest is used. mesh: where the
+    population and ``eval_args`` are placed (replicated), None = the first device.
 
     Returns {'genomes' [P, G], 'objectives' [P, 2], 'hypervolume' [generations + 1],
     'reference' [2], 'evaluated' [(1 + generations)·P, 2], 'evaluations', 'seconds'}.
@@ -228,10 +246,15 @@ def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generati
     k_init, key = jax.random.split(key)
     genomes = nsga2.initial_population(k_init, emo.population, num_genes,
                                        tuple(emo.init_keep_range))
-    # Committed to one device like the evaluation data, so that the jitted generation
-    # sees the same input placement every call (no recompilation after generation 1).
-    genomes = jax.device_put(nsga2.repair(genomes, group_index, len(groups)),
-                             jax.devices()[0])
+    # Committed like the evaluation data, so that the jitted generation sees the same
+    # input placement every call (no recompilation after generation 1).
+    place = ((lambda x: jax.device_put(x, jax.devices()[0])) if mesh is None
+             else (lambda x: sharding.replicate(x, mesh)))
+    genomes = place(nsga2.repair(genomes, group_index, len(groups)))
+    eval_args = place(eval_args)
+    name = (next(iter(evaluators)) if len(evaluators) == 1
+            else population.fastest(evaluators, (genomes, *eval_args)))
+    evaluate = evaluators[name]
     evaluate_jit = jax.jit(evaluate)
     t0 = time.perf_counter()
     objectives = evaluate_jit(genomes, *eval_args)
@@ -266,7 +289,8 @@ def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generati
     return {"genomes": np.asarray(genomes), "objectives": np.asarray(objectives),
             "hypervolume": history, "reference": reference.tolist(),
             "evaluated": np.concatenate(evaluated),
-            "evaluations": emo.population * (generations + 1), "seconds": seconds}
+            "evaluations": emo.population * (generations + 1), "seconds": seconds,
+            "population_eval": name}
 
 
 def pareto_candidates(search: dict, k: int) -> np.ndarray:
@@ -392,15 +416,17 @@ def search_emo_pms(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
     full_fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
     logits, feats = full_fwd(net.variables, images)
     key = jax.random.PRNGKey(config.seed)
+    mesh = population_mesh(emo)
     searches, chosen_sets = {}, []
     for s_index, sub in enumerate(subnets):
         ratio_fn = functools.partial(split_lib.retained_ratio, net.table)
-        evaluate = make_evaluator(model, sub.groups, ratio_fn, sub.start, sub.stop, all_groups)
+        evaluators = population_evaluators(emo, mesh, functools.partial(
+            make_evaluator, model, sub.groups, ratio_fn, sub.start, sub.stop, all_groups))
         h, _ = span_io(images, logits, feats, sub)
-        search = nsga2_search(jax.random.fold_in(key, s_index), evaluate,
+        search = nsga2_search(jax.random.fold_in(key, s_index), evaluators,
                               (net.variables, selectors[sub.name], h, labels), sub.groups,
                               emo, generations=emo.generations, label=sub.name,
-                              target_ratio=config.target_flops_ratio)
+                              target_ratio=config.target_flops_ratio, mesh=mesh)
         picks = pareto_candidates(search, emo.candidates_per_subnet)
         search["candidates"] = picks
         searches[sub.name] = search
@@ -468,11 +494,13 @@ def search_whole_nsga2(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
     groups = models.mask_groups(model)
     images, labels = validation_arrays(ctx, emo.eval_batch)
     ratio_fn = lambda masks: split_lib.macs(net.table, masks) / net.macs
-    evaluate = make_evaluator(model, groups, ratio_fn, None, None, groups)
-    search = nsga2_search(jax.random.PRNGKey(config.seed), evaluate,
+    mesh = population_mesh(emo)
+    evaluators = population_evaluators(emo, mesh, functools.partial(
+        make_evaluator, model, groups, ratio_fn, None, None, groups))
+    search = nsga2_search(jax.random.PRNGKey(config.seed), evaluators,
                           (net.variables, None, images, labels), groups, emo,
                           generations=generations, label="whole",
-                          target_ratio=target)
+                          target_ratio=target, mesh=mesh)
     obj = search["objectives"]
     exact = [cost_lib.model_cost(model, ctx.input_shape,
                                  split_lib.genome_to_masks(jnp.asarray(g), groups))["macs"]
@@ -631,6 +659,7 @@ def run(config, workdir) -> dict:
     if emo.method not in METHODS:
         raise ValueError(f"unknown emo.method {emo.method!r}; valid: {', '.join(METHODS)}")
     saliency.check_round_to(emo.round_to)
+    population.check_strategy(emo.population_eval)
     if emo.crossover not in CROSSOVERS:
         raise ValueError(f"unknown emo.crossover {emo.crossover!r}; valid: {sorted(CROSSOVERS)}")
     ctx = common.setup(config, workdir)
