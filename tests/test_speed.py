@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kdjax import models
+from kdjax.models import conv_grad
 from kdjax.pipelines import emo_pms
 from kdjax.pruning import cascade, cost, saliency, split
 from kdjax.pruning import masks as masks_lib
@@ -179,3 +180,49 @@ def test_fastest_picks_a_strategy_and_rejects_unknown():
     assert population.fastest(fns, (jnp.ones((4, 3)), 2.0), repeats=1) in population.STRATEGIES
     with pytest.raises(ValueError, match="population evaluation"):
         population.check_strategy("scan")
+
+
+# --- matmul kernel-gradient convolution -------------------------------------------
+
+@pytest.mark.parametrize("k, stride, cin, cout", [(3, 1, 4, 8), (3, 2, 8, 16), (1, 2, 6, 5)])
+def test_matmul_kernel_grad_matches_xla_gradients(k, stride, cin, cout):
+    rng = np.random.default_rng(k * 10 + stride)
+    x = jnp.asarray(rng.normal(size=(3, 9, 9, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+    pad = ((k // 2, k // 2),) * 2
+    probe = jnp.asarray(rng.normal(size=(3, -(-9 // stride), -(-9 // stride), cout)),
+                        jnp.float32)
+
+    def loss(conv, x, w):
+        return jnp.sum(probe * conv(x, w, (stride, stride), pad,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+    want = jax.grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(x, w)
+    got = jax.jit(jax.grad(functools.partial(loss, conv_grad.conv_matmul_kernel_grad),
+                           (0, 1)))(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_kernel_grad_in_a_model_train_step():
+    from helpers import random_variables
+
+    model = models.get_model("resnet8", 10)
+    variables = random_variables(model)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+
+    def grads(mode):
+        with conv_grad.conv_kernel_grad(mode):
+            def loss(params):
+                logits = model.apply({**variables, "params": params}, x, train=True,
+                                     mutable=["batch_stats"])[0][0]
+                return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+            return jax.jit(jax.grad(loss))(variables["params"])
+
+    for a, b in zip(jax.tree.leaves(grads("matmul")), jax.tree.leaves(grads("xla"))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="conv_kernel_grad"):
+        conv_grad.check_mode("im2col")
+    with pytest.raises(ValueError, match="feature"):
+        conv_grad.conv_matmul_kernel_grad(x, jnp.ones((3, 3, 1, 3)), (1, 1), ((1, 1),) * 2,
+                                          feature_group_count=3)
