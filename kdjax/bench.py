@@ -12,6 +12,9 @@ forward = 2·MACs FLOPs per image, a train step = 3× forward (backward ≈ 2× 
     python -m kdjax.bench --pairs resnet56:resnet20 --devices 2 --repeats 30
     python -m kdjax.bench --conv-profile resnet20   # where a train step's conv time goes
     python -m kdjax.bench --compare-torch           # each row alternated with PyTorch eager
+    python -m kdjax.bench --pruned-latency resnet56 # latency vs MACs, rounded widths or not
+    python -m kdjax.bench --population-eval         # EMO-PMS loop / vmap / map, 1 vs 2 devices
+    python -m kdjax.bench --conv-kernel-grad matmul --xla-flags="..."   # train-step levers
 """
 
 from __future__ import annotations
@@ -47,6 +50,20 @@ def parse_args(argv):
                         help="with --compare-torch: kdjax/PyTorch alternations per row")
     parser.add_argument("--peak-size", type=int, default=2048,
                         help="side of the square fp32 matmul that measures the peak")
+    parser.add_argument("--pruned-latency", metavar="MODEL", default="",
+                        help="instead: eval latency of MODEL compacted at several MACs "
+                             "targets, widths unrounded / rounded to 8 / 16 (kdjax.bench_speed)")
+    parser.add_argument("--png", default="pruned_latency.png",
+                        help="with --pruned-latency: where the latency-vs-MACs plot goes")
+    parser.add_argument("--population-eval", action="store_true",
+                        help="instead: EMO-PMS candidate evaluations/s, loop / vmap / map "
+                             "on 1 and 2 devices (kdjax.bench_speed)")
+    parser.add_argument("--conv-kernel-grad", choices=("xla", "matmul"), default="xla",
+                        help="lever: kernel gradient of the zoo's convolutions "
+                             "(kdjax.models.conv_grad)")
+    parser.add_argument("--xla-flags", default="",
+                        help="lever: extra XLA flags (e.g. XLA:CPU ones) appended to "
+                             "XLA_FLAGS before JAX starts")
     return parser.parse_args(argv)
 
 
@@ -225,26 +242,44 @@ def conv_profile(model_name: str, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     if args.devices:
         set_simulated_devices(args.devices)
     else:
         from kdjax import platform
 
         platform.configure_cpu_devices()
-    import jax
-
-    from kdjax.train import sharding
+    from kdjax import bench_speed
+    from kdjax.models import conv_grad
 
     if args.conv_profile:
         conv_profile(args.conv_profile, args)
         return 0
+    if args.pruned_latency:
+        bench_speed.pruned_latency(args.pruned_latency, args, args.png)
+        return 0
+    if args.population_eval:
+        bench_speed.population_eval(args)
+        return 0
+    with conv_grad.conv_kernel_grad(args.conv_kernel_grad):
+        return benchmark(args)
+
+
+def benchmark(args) -> int:
+    """The train-step rows (with or without the PyTorch comparison)."""
+    import jax
+
+    from kdjax.train import sharding
+
     mesh = sharding.make_mesh(args.devices)
     pairs = [tuple(p.split(":", 1)) for p in args.pairs]
     peak = matmul_peak_gflops(mesh, args, args.peak_size)
     print(f"# kdjax.bench: batch {args.batch}, image {tuple(args.image)}, {args.classes} classes, "
           f"{mesh.size} {jax.devices()[0].platform} device(s), jax {jax.__version__}, "
           f"median of {args.repeats} after {args.warmup} warm-up; fp32 matmul peak of this "
-          f"device setting {peak:.0f} GFLOP/s; {cpu_model()}")
+          f"device setting {peak:.0f} GFLOP/s; {cpu_model()}; conv kernel grad "
+          f"{args.conv_kernel_grad}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if args.compare_torch:
         compare_torch(pairs, args, mesh, peak)
         return 0

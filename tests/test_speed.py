@@ -226,3 +226,43 @@ def test_matmul_kernel_grad_in_a_model_train_step():
     with pytest.raises(ValueError, match="feature"):
         conv_grad.conv_matmul_kernel_grad(x, jnp.ones((3, 3, 1, 3)), (1, 1), ((1, 1),) * 2,
                                           feature_group_count=3)
+
+
+# --- bench modes ------------------------------------------------------------------
+
+def bench_args(*extra):
+    from kdjax import bench
+
+    return bench.parse_args(["--batch", "4", "--image", "16", "16", "3", "--classes", "10",
+                             "--warmup", "0", "--repeats", "1", *extra])
+
+
+def test_pruned_latency_table_and_plot(tmp_path, capsys):
+    from kdjax import bench_speed
+
+    png = tmp_path / "latency.png"
+    rows = bench_speed.pruned_latency("resnet8", bench_args(), str(png), targets=(0.5,),
+                                      multiples=(1, 8))
+    dense = cost.model_cost(models.get_model("resnet8", 10), (16, 16, 3))["macs"]
+    assert [(r["target"], r["round_to"]) for r in rows] == [(1.0, 1), (0.5, 1), (0.5, 8)]
+    for row in rows[1:]:
+        widths = dict(row["model"].widths)
+        assert row["macs"] <= 0.5 * dense  # the compacted model's own cost
+        assert all(rounded_ok(w, c, row["round_to"])
+                   for g, c in models.mask_groups(models.get_model("resnet8", 10)).items()
+                   for w in [widths.get(g, c)])
+        assert row["seconds"] > 0 and row["speedup"] > 0
+    table = capsys.readouterr().out
+    assert table.count("\n| 0.50 |") == 2 and png.stat().st_size > 1000
+
+
+@pytest.mark.slow  # six compilations of a resnet8 span
+def test_population_eval_bench_rows(capsys):
+    from kdjax import bench_speed
+
+    rows = bench_speed.population_eval(bench_args(), model_name="resnet8", population=4,
+                                       eval_batch=4, chunk=2)
+    assert {(r["strategy"], r["devices"]) for r in rows} == {
+        (s, d) for s in ("loop", "vmap", "map (chunk 2)") for d in (1, 2)}
+    assert all(r["evals_per_s"] > 0 for r in rows)
+    assert capsys.readouterr().out.count("\n|") == 7
