@@ -9,7 +9,8 @@ Stages (artefacts under ``workdir/<method>/``):
   search      — per sub-network NSGA-II over channel bits; objectives (minimised) =
                 (retained MACs ratio of the sub-network, selector CE on its output
                 computed from the UNPRUNED input features of a fixed VALIDATION batch);
-                the whole population is evaluated in one vmapped, jitted call;
+                the population is evaluated in one jitted call (vmap, loop or lax.map
+                chunks, ``emo.population_eval``, optionally split over devices);
   constraint  — K candidates per sub-network, spread over its final Pareto front, each
                 trained so that g_s(f_{s-1}) ≈ f_s (MSE, unpruned f), all K at once (vmap);
   GPIR        — Δ_s(p) = validation CE increase of the full network with only sub-network
@@ -644,8 +645,8 @@ def prepare(ctx) -> tuple[Network, dict]:
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"target_flops_ratio must be in (0, 1], got {ratio}")
     model, variables, teacher_results = common.obtain_teacher(ctx)
-    # The search runs on one device (populations are vmapped, not sharded); the trainer's
-    # replicated copies would otherwise clash with single-device data.
+    # The search's data sit on one device unless emo.population_devices > 1 (then
+    # nsga2_search replicates them); the trainer's replicated copies would otherwise clash.
     variables = jax.device_put(variables, jax.devices()[0])
     table = cost_lib.cost_table(model, tuple(ctx.input_shape))
     macs = float(cost_lib.counts_cost(table, dict(table.widths))["macs"])

@@ -9,7 +9,9 @@ A candidate function ``fn(x, *shared) -> y`` (x one row of the population [P, ..
             candidate's graph in one program; no batching of the candidates),
     "vmap": one batched program over all P candidates (``jax.vmap``),
     "map":  ``jax.lax.map`` over chunks of ``chunk`` candidates (a loop of vmapped
-            chunks; chunk 0 = one candidate at a time),
+            chunks; chunk 0 or 1 = one candidate per iteration: one compiled
+            single-candidate body reused, the in-program form of a host loop of
+            single-candidate calls),
 
 all with the same result. With a mesh of D > 1 devices the population is padded to a
 multiple of D (copies of row 0, dropped again), split over the mesh's data axis
