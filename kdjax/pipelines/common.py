@@ -128,24 +128,73 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
     return state.variables, results
 
 
+def evaluate_model(ctx: Context, model, variables) -> dict:
+    """{'validation', 'test'}: top-1 / top-5 / loss of a model on each held-out split (the
+    trainer's sharded evaluation, compiled once); 'validation' is None without one."""
+    step = loop.compile_eval_step(make_eval_step(model), ctx.mesh)
+    return {split: None if source is None else loop.evaluate(
+                step, variables, source, ctx.config.data, ctx.config.train.eval_batch_size,
+                ctx.mesh)
+            for split, source in (("validation", ctx.splits.validation),
+                                  ("test", ctx.splits.test))}
+
+
+# teacher.select -> the checkpoint directory of a stage that holds the teacher.
+TEACHER_SELECT = {"last": ckpt_lib.LAST_DIR, "best": ckpt_lib.BEST_DIR}
+
+
+def load_teacher(path, select: str) -> tuple[dict, dict, dict]:
+    """``(model spec, variables, info)`` of the ``select`` checkpoint ("last" | "best") of
+    a kdjax checkpoint ``path`` — the one rule every teacher path goes through.
+
+    A stage directory must hold the selected checkpoint (no fallback to the other one);
+    a manager or step directory given explicitly is used as is. info = {'checkpoint',
+    'select', 'step', 'data_seed', 'data'}: the step used, and the seed and data settings
+    the teacher was trained with (read from the checkpoint's recorded config).
+    """
+    if select not in TEACHER_SELECT:
+        raise ValueError(f"teacher.select={select!r}; valid: {', '.join(TEACHER_SELECT)}")
+    path = pathlib.Path(path)
+    wanted = TEACHER_SELECT[select]
+    stage_dirs = [path / d for d in TEACHER_SELECT.values()]
+    if any(d.is_dir() for d in stage_dirs) and not (path / wanted).is_dir():
+        raise ckpt_lib.CheckpointError(
+            f"teacher.select={select!r} but {path} has no {wanted}/ checkpoint; use "
+            f"--config.teacher.select with one of the checkpoints it has")
+    meta, step = ckpt_lib.load_meta(path, prefer=wanted)
+    spec, variables = ckpt_lib.load_variables(path, prefer=wanted)
+    recorded = meta.get("config", {})
+    data = recorded.get("data", {})
+    info = {"checkpoint": str(path), "select": select, "step": step,
+            "data_seed": recorded.get("seed"),
+            "data": {k: data.get(k) for k in ("name", "source", "validation_size",
+                                              "train_size")}}
+    return spec, variables, info
+
+
 def obtain_teacher(ctx: Context) -> tuple[Any, dict, dict]:
     """The teacher as (model, variables, results).
 
     From ``config.teacher.checkpoint`` when set (its model spec must match the data:
     same classes and input shape), else trained with ``config.teacher.optim`` under
-    ``workdir/teacher`` — reused as is when that stage has already finished.
+    ``workdir/teacher`` — resumed, or reused as is when that stage has already finished.
+    Either way the variables are read back from the stage's ``config.teacher.select``
+    checkpoint (load_teacher), so one teacher directory gives one teacher to every run.
     """
     teacher_cfg = ctx.config.teacher
-    if teacher_cfg.checkpoint:
-        spec, variables = ckpt_lib.load_variables(teacher_cfg.checkpoint)
-        expected = {"num_classes": ctx.num_classes, "input_shape": list(ctx.input_shape)}
-        ckpt_lib.check_compatible(spec, expected, teacher_cfg.checkpoint)
-        model = models.get_model(spec["name"], spec["num_classes"], spec["widths"] or None)
-        log.info("teacher %s loaded from %s", spec["name"], teacher_cfg.checkpoint)
-        return model, variables, {"model": spec["name"], "checkpoint": teacher_cfg.checkpoint}
-    variables, results = run_stage(ctx, "teacher", teacher_cfg.name, teacher_cfg.optim,
-                                   supervised_objective)
-    return models.get_model(teacher_cfg.name, ctx.num_classes), variables, results
+    results = {}
+    path = teacher_cfg.checkpoint
+    if not path:
+        _, results = run_stage(ctx, "teacher", teacher_cfg.name, teacher_cfg.optim,
+                               supervised_objective)
+        path = ctx.workdir / "teacher"
+    spec, variables, info = load_teacher(path, teacher_cfg.select)
+    expected = {"num_classes": ctx.num_classes, "input_shape": list(ctx.input_shape)}
+    ckpt_lib.check_compatible(spec, expected, str(path))
+    model = models.get_model(spec["name"], spec["num_classes"], spec["widths"] or None)
+    log.info("teacher %s: the %s checkpoint of %s (step %d)", spec["name"],
+             info["select"], path, info["step"])
+    return model, variables, {**results, "model": spec["name"], **info}
 
 
 def check_pair(teacher_model, student_model, ctx: Context) -> None:

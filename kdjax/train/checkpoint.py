@@ -184,6 +184,14 @@ def load_variables(path: pathlib.Path | str, prefer: str = BEST_DIR) -> tuple[di
     return meta["model"], variables
 
 
+def load_meta(path: pathlib.Path | str, prefer: str = BEST_DIR) -> tuple[dict, int]:
+    """``(meta, step)`` of the checkpoint ``load_variables(path, prefer)`` reads; meta =
+    {'model': spec, 'config': the run's full config, 'progress': counters}."""
+    directory, step = find_checkpoint(path, prefer)
+    manager = _manager(directory, max_to_keep=None, read_only=True)
+    return _read_meta(manager, step, directory / str(step)), step
+
+
 def save_json(path: pathlib.Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
