@@ -171,6 +171,20 @@ def test_per_class_entropy_feedback_is_rejected_before_training(tmp_path):
     assert not (tmp_path / "teacher").exists()
 
 
+PAPER_PRESETS = {"kd": ("", "resnet56_resnet20", "vgg13_vgg8"),
+                 "dynamic_kd": ("", "resnet56_resnet20", "vgg13_vgg8"),
+                 "pdd": ("", "vgg16_vgg11"), "emo_pms": ("", "vgg16")}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PRESETS))
+def test_paper_presets_train_on_the_full_split_and_demos_keep_validation(name):
+    for preset in PAPER_PRESETS[name]:
+        config = load_config(name, preset)
+        assert config.data.validation_size == 0, (name, preset)
+        assert config.teacher.select == "last"
+    assert load_config(name, "demo").data.validation_size > 0
+
+
 def test_presets():
     assert load_config("dynamic_kd", "").student.name == "resnet8x4"
     assert load_config("dynamic_kd", "vgg13_vgg8").teacher.name == "vgg13"

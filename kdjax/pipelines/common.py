@@ -104,7 +104,10 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
         import optax
 
         tx = optax.chain(tx, tx_extra)
-    variables = initial_variables or init_variables(model, ctx.input_shape, config.seed)
+    # A copy: the stage donates its state, and the caller's arrays may share buffers with
+    # arrays still in use (e.g. the unpruned teacher's, for leaves compaction kept as is).
+    variables = (jax.tree.map(jnp.array, initial_variables) if initial_variables
+                 else init_variables(model, ctx.input_shape, config.seed))
     state = TrainState.create(variables, tx, jax.random.PRNGKey(config.seed + 1))
     train_iter = data_pipeline.make_train_iterator(
         ctx.splits.train, config.data, global_batch_size=batch_size, seed=config.seed,
