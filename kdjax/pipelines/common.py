@@ -150,25 +150,27 @@ def load_teacher(path, select: str) -> tuple[dict, dict, dict]:
     """``(model spec, variables, info)`` of the ``select`` checkpoint ("last" | "best") of
     a kdjax checkpoint ``path`` — the one rule every teacher path goes through.
 
-    A stage directory must hold the selected checkpoint (no fallback to the other one);
-    a manager or step directory given explicitly is used as is. info = {'checkpoint',
-    'select', 'step', 'data_seed', 'data'}: the step used, and the seed and data settings
-    the teacher was trained with (read from the checkpoint's recorded config).
+    A training stage (it has ``checkpoints/``) must hold the selected checkpoint (no
+    fallback to the other one); a directory with a single imported checkpoint (e.g.
+    ``best/0`` written by kdjax.convert_torch), a manager or a step directory is read as
+    is. info = {'checkpoint', 'select', 'read' (the directory read), 'step', 'data_seed',
+    'data'}: the seed and data settings the teacher was trained with come from the
+    checkpoint's recorded config (None when it records none).
     """
     if select not in TEACHER_SELECT:
         raise ValueError(f"teacher.select={select!r}; valid: {', '.join(TEACHER_SELECT)}")
     path = pathlib.Path(path)
     wanted = TEACHER_SELECT[select]
-    stage_dirs = [path / d for d in TEACHER_SELECT.values()]
-    if any(d.is_dir() for d in stage_dirs) and not (path / wanted).is_dir():
+    if (path / ckpt_lib.LAST_DIR).is_dir() and not (path / wanted).is_dir():
         raise ckpt_lib.CheckpointError(
-            f"teacher.select={select!r} but {path} has no {wanted}/ checkpoint; use "
-            f"--config.teacher.select with one of the checkpoints it has")
-    meta, step = ckpt_lib.load_meta(path, prefer=wanted)
+            f"teacher.select={select!r} but the stage {path} has no {wanted}/ checkpoint; "
+            f"use --config.teacher.select with one of the checkpoints it has")
+    directory, step = ckpt_lib.find_checkpoint(path, prefer=wanted)
+    meta, _ = ckpt_lib.load_meta(path, prefer=wanted)
     spec, variables = ckpt_lib.load_variables(path, prefer=wanted)
     recorded = meta.get("config", {})
     data = recorded.get("data", {})
-    info = {"checkpoint": str(path), "select": select, "step": step,
+    info = {"checkpoint": str(path), "select": select, "read": str(directory), "step": step,
             "data_seed": recorded.get("seed"),
             "data": {k: data.get(k) for k in ("name", "source", "validation_size",
                                               "train_size")}}
@@ -195,8 +197,8 @@ def obtain_teacher(ctx: Context) -> tuple[Any, dict, dict]:
     expected = {"num_classes": ctx.num_classes, "input_shape": list(ctx.input_shape)}
     ckpt_lib.check_compatible(spec, expected, str(path))
     model = models.get_model(spec["name"], spec["num_classes"], spec["widths"] or None)
-    log.info("teacher %s: the %s checkpoint of %s (step %d)", spec["name"],
-             info["select"], path, info["step"])
+    log.info("teacher %s (teacher.select=%s): %s, step %d", spec["name"], info["select"],
+             info["read"], info["step"])
     return model, variables, {**results, "model": spec["name"], **info}
 
 

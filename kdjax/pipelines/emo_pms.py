@@ -136,7 +136,14 @@ def network_context(ctx, teacher_results: dict):
     """``ctx`` with the splits carved exactly as for the network's own training: its
     recorded data seed (teacher_results['data_seed']) instead of ``config.seed``, so a
     validation split never holds an example the network trained on. A network trained
-    with other data settings (name, validation_size, train_size) is refused."""
+    with other data settings (name, validation_size, train_size) is refused; an imported
+    network (its checkpoint records no kdjax data settings, e.g. kdjax.convert_torch's)
+    is taken as is, with a warning that it may have trained on any training example."""
+    if teacher_results.get("data_seed") is None:
+        log.warning("[emo_pms] the network's checkpoint records no data settings "
+                    "(imported?): it may have trained on any example of the training "
+                    "split, held-out ones included")
+        return ctx
     recorded, data = teacher_results.get("data") or {}, ctx.config.data
     differ = [k for k in DATA_KEYS if recorded.get(k) != data[k]]
     if differ:
