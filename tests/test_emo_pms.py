@@ -218,13 +218,15 @@ def spy(monkeypatch, module, name, calls):
 
 
 def test_end_to_end_synthetic(tmp_path, monkeypatch):
-    """Two sub-networks: input→stage2 (selector head) and stage2→logits (the net's head).
-    The fine-tuning starts from exactly the assembled masked net with the constraint-
-    trained parameters, and its widths are GPIR's pick (checked by brute force)."""
+    """Two sub-networks: input→stage2 (selector head) and stage2→logits (the net's head),
+    no validation split (the search holds out 64 training examples). Fine-tuning starts
+    from exactly the assembled masked net with the constraint-trained parameters, and its
+    widths are GPIR's pick (checked by brute force)."""
     calls = {}
     spy(monkeypatch, emo_pms, "search_emo_pms", calls)
     spy(monkeypatch, common, "run_stage", calls)
     config = tiny_config()
+    config.data.validation_size, config.emo.holdout_size = 0, 64  # as the paper presets
     results = emo_pms.run(config, tmp_path)
     out = tmp_path / "emo_pms"
     for name in ("results.json", "scheme.json", "hypervolume.json", "hypervolume.png",
@@ -244,6 +246,7 @@ def test_end_to_end_synthetic(tmp_path, monkeypatch):
     assert results["finetune"]["steps"] == 2
     for key in ("unpruned", "before_finetune", "after_finetune"):
         assert 0.0 <= saved[key]["test_top1"] <= 100.0
+    assert saved["before_finetune"]["validation_top1"] is None  # no validation split
 
     (_, net, _), _, (masks, params, info) = calls["search_emo_pms"][0]
     (_, stage, *_), finetune, _ = calls["run_stage"][-1]

@@ -20,11 +20,17 @@ from test_train import load_config
 STAGE1_LR = 1e-4  # tiny steps: validation top-1 never beats step 1, so best (1) != last (4)
 
 
-def test_positive_logits_reproduce_the_unmasked_model():
-    model = models.get_model("resnet8", 10)
-    wrapped = LearnedMasks(model=model, learned=pdd.masked_groups(model, "inner"))
+def wrapped_model(name, placement):
+    """(zoo model, its LearnedMasks wrapper for ``placement``, input x [4, 16, 16, 3],
+    the wrapper's initial variables)."""
+    model = models.get_model(name, 10)
+    wrapped = LearnedMasks(model=model, learned=pdd.masked_groups(model, placement))
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
-    variables = wrapped.init(jax.random.PRNGKey(1), x)
+    return model, wrapped, x, wrapped.init(jax.random.PRNGKey(1), x)
+
+
+def test_positive_logits_reproduce_the_unmasked_model():
+    model, wrapped, x, variables = wrapped_model("resnet8", "inner")
     params = dict(variables["params"])
     params["mask_logits"] = jax.tree.map(lambda m: jnp.abs(m) + 0.5, params["mask_logits"])
     got, _ = wrapped.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
@@ -78,11 +84,9 @@ def test_placement():
 
 
 def test_output_placement_masks_every_block_output():
-    """A zero stage-2 stream mask zeroes those channels of every stage-2 block output."""
-    model = models.get_model("resnet14", 10)
-    wrapped = LearnedMasks(model=model, learned=pdd.masked_groups(model, "output"))
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
-    variables = wrapped.init(jax.random.PRNGKey(1), x)
+    """A zero stage-2 stream mask zeroes those channels of the stage-2 output (after the
+    last block's add + ReLU)."""
+    _, wrapped, x, variables = wrapped_model("resnet14", "output")
     params = dict(variables["params"])
     logits = dict(params["mask_logits"])
     logits["stage2"] = jnp.where(jnp.arange(32) < 5, -1.0, 1.0)
@@ -96,10 +100,7 @@ def test_fallback_channel_makes_the_compacted_net_differ():
     """All logits of a group ≤ 0: the stage-1 net zeroes the group, binary_masks keeps
     its largest-logit channel (reported by fallback_groups), so the compacted net is
     not the stage-1 net (BUILD_NOTES, PDD)."""
-    model = models.get_model("resnet8", 10)
-    wrapped = LearnedMasks(model=model, learned=pdd.masked_groups(model, "inner"))
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
-    variables = wrapped.init(jax.random.PRNGKey(1), x)
+    model, wrapped, x, variables = wrapped_model("resnet8", "inner")
     params = dict(variables["params"])
     params["mask_logits"] = {g: jnp.abs(m) + 0.5 for g, m in params["mask_logits"].items()}
     params["mask_logits"]["stage2.block0"] = -jnp.arange(1.0, 33.0)
@@ -128,7 +129,11 @@ def test_pdd_two_steps_through_both_stages(tmp_path):
     config.teacher.optim = small
     config.pdd.stage1 = config.pdd.stage2 = config.pdd.kd_optim = small
     config.pdd.flops_target = 0.5  # also runs the (non-PDD) FLOPs-target extension
+    config.data.validation_size = 0  # as the paper presets: masks of the last checkpoint
     summary = pdd.run(config, tmp_path)
+    assert summary["masks_checkpoint"] == {"rule": "last (no validation split)", "step": 2}
+    assert summary["before_finetune"]["validation"] is None
+    assert 0.0 <= summary["before_finetune"]["test"]["top1"] <= 100.0
     for stage in ("teacher", "kd", "masks", "finetune"):
         assert (tmp_path / stage / "results.json").exists(), stage
     saved = json.loads((tmp_path / "summary.json").read_text())

@@ -341,7 +341,8 @@ def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generati
                  emo.population / elapsed)
     front_genomes, front = archived(archive)
     return {"genomes": front_genomes, "objectives": front,
-            "population": np.asarray(objectives), "hypervolume": history, "reference": reference.tolist(),
+            "population": np.asarray(objectives), "hypervolume": history,
+            "reference": reference.tolist(),
             "evaluated": np.concatenate(evaluated),
             "evaluations": emo.population * (generations + 1), "seconds": seconds}
 
@@ -618,7 +619,7 @@ def write_pareto(out_dir, name: str, search: dict) -> None:
     ckpt_lib.save_json(out_dir / f"pareto_{name}.json", {
         "objectives": ["retained_macs_ratio", "selector_loss"],
         "population": population.tolist(), "front": obj.tolist(),
-        "front_pruned_genes": [np.flatnonzero(~g).tolist() for g in search["genomes"]],
+        "front_genomes": [np.flatnonzero(~g).tolist() for g in search["genomes"]],
         "candidates": np.asarray(search.get("candidates", [])).tolist(),
         "evaluated": search["evaluated"].tolist(), "reference": search["reference"]})
     plt = _plt()

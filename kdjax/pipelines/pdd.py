@@ -197,7 +197,7 @@ def summary_markdown(summary: dict, groups, kept) -> str:
                  f"{summary['pruned_cost']['params']:,} |")
     before = summary["before_finetune"]
     lines += ["", "Compacted net before stage 2: " + ", ".join(
-        f"{split} top-1 {r['top1']:.2f}" for split, r in before.items()) + "."]
+        f"{split} top-1 {r['top1']:.2f}" for split, r in before.items() if r) + "."]
     lines += ["", f"MACs removed {red['macs_removed_pct']:.2f} %, params removed "
               f"{red['params_removed_pct']:.2f} % (vs the unpruned student)."]
     if "reduction_vs_standard_resnet20" in summary:
