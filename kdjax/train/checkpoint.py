@@ -63,6 +63,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.num_devices", "train.distributed", "train.coordinator_address",
     "train.num_processes", "train.process_id", "train.max_steps",
     "train.allow_config_change", "data.num_workers", "data.data_dir",
+    "teacher.select",  # which checkpoint is read afterwards; training is unaffected
 })
 
 log = logging.getLogger("kdjax")
