@@ -77,16 +77,16 @@ def median_seconds(fn, warmup: int, repeats: int) -> float:
 
 def distill_methods(names) -> list[str]:
     """The ``--distill-methods`` list: 'all' = the zoo (every method but dynamic_kd, which
-    needs its pipeline's controller); unknown names raise ValueError with the valid ones."""
+    needs its pipeline's controller), kd dropped (it is always the "KD t -> s" row);
+    unknown names raise ValueError with the valid ones."""
     from kdjax.distill import METHODS
 
     zoo = [m for m in METHODS if m != "dynamic_kd"]
-    if list(names) == ["all"]:
-        return zoo
-    unknown = [m for m in names if m not in zoo]
+    chosen = zoo if list(names) == ["all"] else list(names)
+    unknown = [m for m in chosen if m not in zoo]
     if unknown:
         raise ValueError(f"unknown --distill-methods {unknown}; valid: all, {', '.join(zoo)}")
-    return list(names)
+    return [m for m in chosen if m != "kd"]
 
 
 def bench_pair(teacher_name, student_name, args, mesh) -> list[dict]:
