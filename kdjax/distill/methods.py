@@ -23,14 +23,6 @@ from kdjax.distill.base import Aux, Method, Outputs
 STAGE_TAPS = ("stage1", "stage2", "stage3")
 
 
-def _sum(values) -> jax.Array:
-    """Sum of a non-empty list of scalars."""
-    total = values[0]
-    for v in values[1:]:
-        total = total + v
-    return total
-
-
 def _same_size(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Average-pool the spatially larger of two NHWC maps to the other's size."""
     (ha, wa), (hb, wb) = a.shape[1:3], b.shape[1:3]
@@ -190,7 +182,7 @@ class PairwiseFeatureMethod(Method):
         raise NotImplementedError
 
     def loss(self, params, state, student, teacher, batch, *, train=True):
-        term = _sum([self.pair_loss(s, t) for s, t in self.pairs(student, teacher)])
+        term = sum([self.pair_loss(s, t) for s, t in self.pairs(student, teacher)])
         return self.weight * term, {self.metric(): term}, state
 
 
@@ -309,7 +301,7 @@ class FitNet(Method):
         pairs = self.pairs(student, teacher)
         outs, stats = _run_adapters(self.modules(teacher), params, state["batch_stats"],
                                     [s for s, _ in pairs], train)
-        term = _sum([losses.hint_loss(o, t) for o, (_, t) in zip(outs, pairs)])
+        term = sum([losses.hint_loss(o, t) for o, (_, t) in zip(outs, pairs)])
         return term, {**state, "batch_stats": stats}
 
     def loss(self, params, state, student, teacher, batch, *, train=True):
@@ -357,7 +349,7 @@ class AB(Method):
         terms = [2.0 ** (i - n + 1) * 3e-3 * math.prod(t.shape[1:])
                  * losses.ab_loss(o, t, self.margin)
                  for i, (o, (_, t)) in enumerate(zip(outs, pairs))]
-        term = _sum(terms)
+        term = sum(terms)
         return term, {self.metric("init"): term}, {**state, "batch_stats": stats}
 
 
@@ -527,7 +519,7 @@ class VID(Method):
             mean, t = _same_size(mean, t)
             terms.append(losses.vid_loss(mean, t, params["log_variance"][str(i)],
                                          eps=self.eps))
-        term = _sum(terms)
+        term = sum(terms)
         return self.weight * term, {self.metric(): term}, state
 
 
