@@ -1,6 +1,6 @@
 """DynamicKD: KD with an entropy controller c (optimizer-side state) that scales the
 student's logits inside the distillation term, q_c = softmax(c·z_s/T), and is updated
-on-line by gradient descent on the KD term (../shared/PAPERS.md §1; what we
+on-line by gradient descent on the KD term (docs/dynamic_kd.md; what we
 reconstructed: BUILD_NOTES.md, DynamicKD).
 
 Paper setting (CIFAR-100 resnet32x4 → resnet8x4, RepDistiller recipe: 240 epochs,

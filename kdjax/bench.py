@@ -11,6 +11,7 @@ forward = 2·MACs FLOPs per image, a train step = 3× forward (backward ≈ 2× 
     python -m kdjax.bench                       # default pairs, batch 64, 32x32x3, 100 classes
     python -m kdjax.bench --pairs resnet56:resnet20 --devices 2 --repeats 30
     python -m kdjax.bench --conv-profile resnet20   # where a train step's conv time goes
+    python -m kdjax.bench --compare-torch           # each row alternated with PyTorch eager
     python -m kdjax.bench --pairs resnet32x4:resnet8x4 --distill-methods all
                                                 # + one train-step row per distillation method
 
@@ -51,6 +52,13 @@ def parse_args(argv):
     parser.add_argument("--conv-profile", metavar="MODEL", default="",
                         help="instead: time forward, input-gradient and kernel-gradient "
                              "convolutions at every distinct conv shape of MODEL")
+    parser.add_argument("--compare-torch", action="store_true",
+                        help="alternate each row with the same step in PyTorch eager "
+                             "(kdjax.bench_torch; needs the torch extra) and print the ratio")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="with --compare-torch: kdjax/PyTorch alternations per row")
+    parser.add_argument("--peak-size", type=int, default=2048,
+                        help="side of the square fp32 matmul that measures the peak")
     return parser.parse_args(argv)
 
 
@@ -61,6 +69,17 @@ def set_simulated_devices(n: int) -> None:
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith(platform.DEVICE_COUNT_FLAG)]
     os.environ["XLA_FLAGS"] = platform.cpu_device_flags(" ".join(flags), n)
+
+
+def cpu_model() -> str:
+    """The CPU model name (Linux /proc/cpuinfo), for the record of a measurement."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"CPU unknown x{os.cpu_count()}"
 
 
 def median_seconds(fn, warmup: int, repeats: int) -> float:
@@ -89,11 +108,12 @@ def distill_methods(names) -> list[str]:
     return [m for m in chosen if m != "kd"]
 
 
-def bench_pair(teacher_name, student_name, args, mesh) -> list[dict]:
-    """Measure the three steps of one pair; returns one row per step."""
+def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[dict]:
+    """The three steps of one pair, then one distillation step per method of ``methods``,
+    as timed callables: each row is {'step', 'run' (blocks until done), 'flops' per
+    image}."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
 
     from kdjax import config_lib, distill, models
     from kdjax.pipelines import common
@@ -115,7 +135,7 @@ def bench_pair(teacher_name, student_name, args, mesh) -> list[dict]:
     macs_t = model_cost(teacher, shape)["macs"]
     macs_s = model_cost(student, shape)["macs"]
 
-    def train_rows(name, objective, teacher_model, flops_per_image):
+    def train_row(name, objective, teacher_model, flops_per_image):
         variables = common.init_variables(student, shape, 0)
         distill_vars = ({}, {})
         if objective.method is not None:
@@ -133,28 +153,73 @@ def bench_pair(teacher_name, student_name, args, mesh) -> list[dict]:
             holder[0], metrics = step(holder[0], batch, teacher_vars if teacher_model else None)
             jax.block_until_ready(metrics)
 
-        seconds = median_seconds(run, args.warmup, args.repeats)
-        return {"step": name, "img_per_s": args.batch / seconds,
-                "gflops": flops_per_image * args.batch / seconds / 1e9}
+        return {"step": name, "run": run, "flops": flops_per_image}
 
     def distill_row(name, method_name):
         method = distill.make_method(config_lib.distill(method_name),
                                      student_taps=student.taps(), teacher_taps=teacher.taps())
         objective = distill.objective(method, method.default_ce_weight)
-        return train_rows(name, objective, teacher, 6 * macs_s + 2 * macs_t)
+        return train_row(name, objective, teacher, 6 * macs_s + 2 * macs_t)
 
-    rows = [
-        train_rows(f"{student_name} CE train step", common.supervised_objective, None, 6 * macs_s),
-        distill_row(f"KD {teacher_name} -> {student_name}", "kd"),
-    ]
-    rows += [distill_row(f"distill {m} {teacher_name} -> {student_name}", m)
-             for m in distill_methods(args.distill_methods)]
     infer = jax.jit(lambda v, x: teacher.apply(v, x, train=False)[0])
-    seconds = median_seconds(lambda: jax.block_until_ready(infer(teacher_vars, batch["image"])),
-                             args.warmup, args.repeats)
-    rows.append({"step": f"{teacher_name} inference", "img_per_s": args.batch / seconds,
-                 "gflops": 2 * macs_t * args.batch / seconds / 1e9})
-    return rows
+    return [
+        train_row(f"{student_name} CE train step", common.supervised_objective, None, 6 * macs_s),
+        distill_row(f"KD {teacher_name} -> {student_name}", "kd"),
+        {"step": f"{teacher_name} inference", "flops": 2 * macs_t,
+         "run": lambda: jax.block_until_ready(infer(teacher_vars, batch["image"]))},
+    ] + [distill_row(f"distill {m} {teacher_name} -> {student_name}", m) for m in methods]
+
+
+def measure(row: dict, args) -> dict:
+    """images/s and achieved GFLOP/s of one workload (median step time)."""
+    seconds = median_seconds(row["run"], args.warmup, args.repeats)
+    return {"img_per_s": args.batch / seconds,
+            "gflops": row["flops"] * args.batch / seconds / 1e9}
+
+
+def matmul_peak_gflops(mesh, args, size: int = 2048) -> float:
+    """Measured fp32 peak of this device setting: one [size, size] @ [size, size] matmul per
+    device of ``mesh`` at once (the rows are sharded), GFLOP/s = 2·size³·devices / time."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdjax.train import sharding
+
+    a = jax.device_put(jnp.ones((size * mesh.size, size), jnp.float32),
+                       sharding.batch_sharded(mesh))
+    b = sharding.replicate(jnp.ones((size, size), jnp.float32), mesh)
+    matmul = jax.jit(jnp.matmul, out_shardings=sharding.batch_sharded(mesh))
+    seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), args.warmup, args.repeats)
+    return 2.0 * size ** 3 * mesh.size / seconds / 1e9
+
+
+def compare_torch(pairs, args, mesh, peak: float) -> None:
+    """Per row: kdjax and PyTorch eager alternated ``args.rounds`` times (kdjax first each
+    round), both figures per round and the ratio of the medians over rounds."""
+    from kdjax import bench_torch
+
+    print("| step | PyTorch img/s (per round) | kdjax img/s (per round) | ratio | "
+          "kdjax GFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|")
+    worker = bench_torch.TorchWorker()
+    try:
+        for teacher_name, student_name in pairs:
+            ours = jax_workloads(teacher_name, student_name, args, mesh)
+            names = worker.build(teacher_name, student_name, args)
+            assert names == [r["step"] for r in ours], (names, [r["step"] for r in ours])
+            for index, row in enumerate(ours):
+                runs_a, runs_b = [], []
+                for _ in range(args.rounds):
+                    runs_a.append(measure(row, args))
+                    runs_b.append(args.batch / worker.seconds(index, args.warmup, args.repeats))
+                ratio = (statistics.median(r["img_per_s"] for r in runs_a)
+                         / statistics.median(runs_b))
+                gflops = statistics.median(r["gflops"] for r in runs_a)
+                ours_img = " / ".join(f"{r['img_per_s']:.1f}" for r in runs_a)
+                theirs_img = " / ".join(f"{v:.1f}" for v in runs_b)
+                print(f"| {row['step']} | {theirs_img} | {ours_img} | "
+                      f"{ratio:.2f}x | {gflops:.1f} | {100 * gflops / peak:.0f} |", flush=True)
+    finally:
+        worker.close()
 
 
 def conv_profile(model_name: str, args) -> None:
@@ -214,14 +279,22 @@ def main(argv=None) -> int:
         conv_profile(args.conv_profile, args)
         return 0
     mesh = sharding.make_mesh(args.devices)
+    pairs = [tuple(p.split(":", 1)) for p in args.pairs]
+    peak = matmul_peak_gflops(mesh, args, args.peak_size)
     print(f"# kdjax.bench: batch {args.batch}, image {tuple(args.image)}, {args.classes} classes, "
           f"{mesh.size} {jax.devices()[0].platform} device(s), jax {jax.__version__}, "
-          f"median of {args.repeats} after {args.warmup} warm-up")
-    print("| step | img/s | GFLOP/s |\n|---|---|---|")
-    for pair in args.pairs:
-        teacher_name, _, student_name = pair.partition(":")
-        for row in bench_pair(teacher_name, student_name, args, mesh):
-            print(f"| {row['step']} | {row['img_per_s']:.1f} | {row['gflops']:.1f} |", flush=True)
+          f"median of {args.repeats} after {args.warmup} warm-up; fp32 matmul peak of this "
+          f"device setting {peak:.0f} GFLOP/s; {cpu_model()}")
+    if args.compare_torch:
+        compare_torch(pairs, args, mesh, peak)
+        return 0
+    print("| step | img/s | GFLOP/s | % of matmul peak |\n|---|---|---|---|")
+    for teacher_name, student_name in pairs:
+        for row in jax_workloads(teacher_name, student_name, args, mesh,
+                                 distill_methods(args.distill_methods)):
+            m = measure(row, args)
+            print(f"| {row['step']} | {m['img_per_s']:.1f} | {m['gflops']:.1f} | "
+                  f"{100 * m['gflops'] / peak:.0f} |", flush=True)
     return 0
 
 

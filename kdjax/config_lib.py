@@ -20,7 +20,7 @@ FASHION_MNIST_STD = (0.3530,)
 
 def optim(epochs=240, batch_size=64, lr=0.05, milestones=(150, 180, 210), decay=0.1,
           momentum=0.9, weight_decay=5e-4, schedule="multistep", warmup_epochs=0.0):
-    """SGD recipe, epochs-based; defaults = the CIFAR-100 KD recipe of PAPERS.md."""
+    """SGD recipe in epochs; defaults: the CIFAR-100 KD recipe (docs/distillation_losses.md)."""
     return ml_collections.ConfigDict(dict(
         epochs=epochs, batch_size=batch_size, lr=lr, milestones=tuple(milestones),
         decay=decay, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
@@ -56,6 +56,9 @@ def train_settings():
     return ml_collections.ConfigDict(dict(
         num_devices=0,          # 0 = all local devices (on CPU: one per core, see BUILD_NOTES)
         distributed=False,      # True: jax.distributed.initialize() for multi-host runs
+        coordinator_address="",  # "host:port" of process 0; "" = auto-detect (TPU VM, Slurm)
+        num_processes=-1,       # -1 = auto-detect
+        process_id=-1,          # -1 = auto-detect; else 0 .. num_processes-1
         log_every_steps=50,
         eval_every_steps=0,     # 0 = once per epoch
         eval_batch_size=500,

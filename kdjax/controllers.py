@@ -1,6 +1,6 @@
 """The DynamicKD entropy controller, kept in optimizer state.
 
-DynamicKD (see ``PAPERS.md`` section 1) scales the student's logits inside the
+DynamicKD (see ``docs/dynamic_kd.md``) scales the student's logits inside the
 distillation term by a positive controller ``c``::
 
     L_KD(c) = T^2 * KL(p_t || q_c),   p_t = softmax(z_t / T),
@@ -88,6 +88,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from kdjax import losses as _losses
 
@@ -115,7 +116,7 @@ class EntropyControllerState(NamedTuple):
     count: jax.Array
 
 
-def _is_concrete_number(x) -> bool:
+def _is_concrete_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -237,7 +238,7 @@ def entropy_controller(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _find_states(opt_state) -> list:
+def _find_states(opt_state: Any) -> list[EntropyControllerState]:
     is_ctrl = lambda x: isinstance(x, EntropyControllerState)  # noqa: E731
     leaves = jax.tree.leaves(opt_state, is_leaf=is_ctrl)
     return [leaf for leaf in leaves if is_ctrl(leaf)]
@@ -277,8 +278,10 @@ def controller_value(opt_state: Any, index: Optional[int] = None) -> jax.Array:
     return jnp.exp(controller_state(opt_state, index).log_c)
 
 
-def kd_controller_grad(student_logits, teacher_logits, controller, temperature,
-                       weights=None, controller_kind: Optional[str] = None):
+def kd_controller_grad(student_logits: jax.Array, teacher_logits: jax.Array,
+                       controller: ArrayLike, temperature: ArrayLike,
+                       weights: Optional[ArrayLike] = None,
+                       controller_kind: Optional[str] = None) -> jax.Array:
     """Closed-form ``d dynamic_kd_loss / d controller`` (no second ``jax.grad``).
 
     With ``q = softmax(c * z_s / T)``, ``p = softmax(z_t / T)`` and normalised
@@ -329,9 +332,11 @@ def kd_controller_grad(student_logits, teacher_logits, controller, temperature,
     return g.reshape(jnp.shape(c_in)).astype(jnp.result_type(c_in, elem))
 
 
-def controller_entropies(student_logits, teacher_logits, controller,
-                         temperature, weights=None,
-                         controller_kind: Optional[str] = None):
+def controller_entropies(student_logits: jax.Array, teacher_logits: jax.Array,
+                         controller: ArrayLike, temperature: ArrayLike,
+                         weights: Optional[ArrayLike] = None,
+                         controller_kind: Optional[str] = None
+                         ) -> Tuple[jax.Array, jax.Array]:
     """``(H(q_c), H(p_t))``: batch (weighted) means of the per-example entropies.
 
     ``q_c = softmax(c * z_s / T)``, ``p_t = softmax(z_t / T)``, entropies in

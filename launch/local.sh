@@ -14,7 +14,7 @@ FASHION_MNIST=/usr/share/datasets/fashion-mnist
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-ensure_venv() {  # $1: pip extras, e.g. "[test]"
+ensure_venv() {  # $1: pip extras, e.g. "[train,test]"; versions pinned by constraints.txt
   if [ ! -x "$VENV/bin/python" ]; then
     if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
       echo "python3 -m venv is unavailable; installing Debian's python3-venv" >&2
@@ -23,7 +23,7 @@ ensure_venv() {  # $1: pip extras, e.g. "[test]"
     fi
     "$VENV/bin/python" -m pip install -q --upgrade pip
   fi
-  "$VENV/bin/python" -m pip install -q -e ".$1"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".$1"
 }
 
 ensure_fashion_mnist() {
@@ -35,18 +35,18 @@ ensure_fashion_mnist() {
 
 case "${1:-}" in
   demo)
-    ensure_venv ""
+    ensure_venv "[train]"
     ensure_fashion_mnist
     exec "$VENV/bin/python" -m kdjax.main --config=configs/kd.py:demo --workdir="${2:-/tmp/kdjax-demo}"
     ;;
   test)
-    ensure_venv "[test]"
+    ensure_venv "[train,test]"
     shift
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
   run)
     [ $# -ge 3 ] || { echo "usage: $0 run CONFIG WORKDIR [--config.key=value ...]" >&2; exit 2; }
-    ensure_venv ""
+    ensure_venv "[train]"
     config=$2 workdir=$3
     shift 3
     exec "$VENV/bin/python" -m kdjax.main --config="$config" --workdir="$workdir" "$@"

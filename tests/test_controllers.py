@@ -2,6 +2,7 @@
 
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,6 +155,43 @@ def test_second_derivative_is_variance():
         close(fd, expected, rtol=1e-6)
         close(d2(jnp.float32(c)), expected, rtol=2e-4)
         assert expected >= 0
+
+
+class PureFunctionsJitAndEagerTest(chex.TestCase):
+    """The pure controller functions give the float64 NumPy values with and without jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_controller_grad_matches_numpy(self):
+        b, k = 6, 5
+        zs, zt, w = rand(0, (b, k), 2), rand(1, (b, k), 3), np.abs(rand(2, (b,)))
+        grad = self.variant(C.kd_controller_grad)
+        g = grad(zs, zt, jnp.float32(1.7), T, w)
+        chex.assert_shape(g, ())
+        close(g, T * np_moment_gap(zs, zt, 1.7, T, w), rtol=1e-4, atol=1e-5)
+        ck = np.exp(rand(3, (k,), 0.4))
+        q, p = np_softmax(ck * zs.astype(np.float64) / T), np_softmax(zt / T)
+        expected = (T * zs * (q - p)).mean(0)  # sum_i (1/B) T z_ik (q_ik - p_ik)
+        g = grad(zs, zt, ck, T)
+        chex.assert_shape(g, (k,))
+        close(g, expected, rtol=1e-4, atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_entropies_match_numpy(self):
+        zs, zt = rand(0, (8, 5), 0.5), rand(1, (8, 5), 4.0)
+        hs, ht = self.variant(C.controller_entropies)(zs, zt, 1.3, T)
+        q, p = np_softmax(1.3 * zs.astype(np.float64) / T), np_softmax(zt / T)
+        chex.assert_trees_all_close((hs, ht), ((-(q * np.log(q)).sum(-1)).mean(),
+                                               (-(p * np.log(p)).sum(-1)).mean()), rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_update_step_formula(self):
+        lr, init, g = 0.1, 1.5, 0.7
+        opt = C.entropy_controller(learning_rate=lr, init=init)
+        update = self.variant(lambda s, cg: opt.update({}, s, None, controller_grad=cg)[1])
+        state = update(opt.init({}), jnp.float32(g))
+        chex.assert_trees_all_close(  # theta <- theta - lr * c * dL/dc
+            state, C.EntropyControllerState(np.float32(np.log(init) - lr * init * g), np.int32(1)),
+            rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -362,8 +400,7 @@ def test_state_round_trips_through_numpy():
     for i in range(2, 5):
         p, s = step(p, s, i)
         p2, s2 = step(p2, s2, i)
-    for a, b_ in zip(jax.tree.leaves((p, s)), jax.tree.leaves((p2, s2))):
-        assert np.array_equal(a, b_)
+    chex.assert_trees_all_equal((p, s), (p2, s2))
     assert int(C.controller_state(s2).count) == 5
 
 

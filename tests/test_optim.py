@@ -1,5 +1,7 @@
 """SGD and schedules against a hand-written PyTorch-semantics reference in NumPy."""
 
+import chex
+import jax
 import numpy as np
 import optax
 
@@ -22,15 +24,18 @@ def test_sgd_matches_torch_rule():
     cfg = config_lib.optim(epochs=3, lr=0.1, milestones=(1, 2), decay=0.1, weight_decay=5e-4)
     steps_per_epoch = 4
     tx = optim.sgd(cfg, steps_per_epoch)
-    w = rng.normal(size=5).astype(np.float32)
-    grads = [rng.normal(size=5).astype(np.float32) for _ in range(12)]
-    params, state = w.copy(), tx.init(w)
+    shapes = {"conv": (3, 3, 2, 4), "bias": (4,), "dense": {"kernel": (4, 5)}}
+    w = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes,
+                     is_leaf=lambda s: isinstance(s, tuple))
+    grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), w)
+             for _ in range(12)]
+    params, state = w, tx.init(w)
     for g in grads:
         updates, state = tx.update(g, state, params)
         params = optax.apply_updates(params, updates)
     lrs = [0.1 * 0.1 ** ((t >= 4) + (t >= 8)) for t in range(12)]
-    expected = torch_sgd_reference(w, grads, lrs, 0.9, 5e-4)
-    np.testing.assert_allclose(np.asarray(params), expected, rtol=1e-5, atol=1e-6)
+    expected = jax.tree.map(lambda w0, *gs: torch_sgd_reference(w0, gs, lrs, 0.9, 5e-4), w, *grads)
+    chex.assert_trees_all_close(params, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_multistep_boundaries_are_epochs():

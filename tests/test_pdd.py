@@ -70,7 +70,7 @@ def test_resnet20_pdd_widening_matches_the_paper_increment():
     shape = (32, 32, 3)
     base = cost_lib.model_cost(models.get_model("resnet20", 10), shape)
     wide = cost_lib.model_cost(models.get_model("resnet20_pdd", 10), shape)
-    # PAPERS.md: 40.6M/0.270M -> 61.8M/0.339M, i.e. +21.2M MACs and +0.069M params.
+    # docs/pdd.md: 40.6M/0.270M -> 61.8M/0.339M, i.e. +21.2M MACs and +0.069M params.
     assert abs((wide["macs"] - base["macs"]) / 1e6 - 21.2) < 0.1
     assert abs((wide["params"] - base["params"]) / 1e6 - 0.069) < 0.001
 

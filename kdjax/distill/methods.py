@@ -130,8 +130,8 @@ class DynamicKD(LogitMethod):
         super().__post_init__()
         if self.kind not in self.KINDS:
             raise ValueError(f"distill.dynamic_kd.kind={self.kind!r} is not implemented; "
-                             f"valid: {', '.join(self.KINDS)} (the per-sample head of the "
-                             f"paper is not built)")
+                             f"valid: {', '.join(self.KINDS)} (no per-sample head: "
+                             f"docs/dynamic_kd.md)")
         if self.mode not in self.MODES:
             raise ValueError(f"distill.dynamic_kd.mode={self.mode!r}; valid: "
                              f"{', '.join(repr(m) for m in self.MODES)}")

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 __all__ = [
     "dominates",
@@ -49,7 +50,7 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 
-def dominates(a, b):
+def dominates(a: ArrayLike, b: ArrayLike) -> jax.Array:
     """Pairwise Pareto domination (minimisation).
 
     ``D[i, j] = all_m(a[i, m] <= b[j, m]) and any_m(a[i, m] < b[j, m])``.
@@ -65,7 +66,7 @@ def dominates(a, b):
     return jnp.all(a <= b, axis=-1) & jnp.any(a < b, axis=-1)
 
 
-def non_dominated_rank(objectives):
+def non_dominated_rank(objectives: ArrayLike) -> jax.Array:
     """Non-domination rank by iterative front peeling.
 
     Front 0 is the set of points dominated by no other point; front ``r`` is the
@@ -97,7 +98,7 @@ def non_dominated_rank(objectives):
     return lax.while_loop(cond, body, init)[1]
 
 
-def crowding_distance(objectives, ranks):
+def crowding_distance(objectives: ArrayLike, ranks: jax.Array) -> jax.Array:
     """Crowding distance of every point within its own front (Deb et al. 2002).
 
     For each objective ``m``, the members of a front are sorted by ``f_m``
@@ -140,7 +141,7 @@ def _sort_by_rank_then_crowding(ranks, crowding):
     return lax.sort((ranks, -crowding, index), num_keys=3)[2]
 
 
-def survival(objectives, num_survivors: int):
+def survival(objectives: ArrayLike, num_survivors: int) -> jax.Array:
     """Elitist (mu + lambda) NSGA-II survival.
 
     Ranks the combined parent + offspring population, computes crowding per
@@ -159,7 +160,7 @@ def survival(objectives, num_survivors: int):
     return _sort_by_rank_then_crowding(ranks, crowding)[:num_survivors]
 
 
-def hypervolume_2d(objectives, reference):
+def hypervolume_2d(objectives: ArrayLike, reference: ArrayLike) -> jax.Array:
     """Dominated hypervolume of a 2-objective (minimisation) point set.
 
     ``HV = area( union_i [f1_i, r1] x [f2_i, r2] )`` over the points with
@@ -191,7 +192,8 @@ def hypervolume_2d(objectives, reference):
 # --------------------------------------------------------------------------
 
 
-def binary_tournament(key, ranks, crowding, num: int):
+def binary_tournament(key: jax.Array, ranks: jax.Array, crowding: jax.Array,
+                      num: int) -> jax.Array:
     """Binary tournaments with the crowded-comparison operator.
 
     Each tournament draws two indices uniformly (with replacement); ``i`` beats
@@ -218,7 +220,8 @@ def binary_tournament(key, ranks, crowding, num: int):
     return jnp.where(pick_i, i, j)
 
 
-def uniform_crossover(key, parents_a, parents_b, rate: float = 0.5):
+def uniform_crossover(key: jax.Array, parents_a: jax.Array, parents_b: jax.Array,
+                      rate: float = 0.5) -> jax.Array:
     """Uniform crossover: ``child[n, g] = b[n, g]`` with probability ``rate``, else ``a[n, g]``.
 
     Args:
@@ -232,7 +235,8 @@ def uniform_crossover(key, parents_a, parents_b, rate: float = 0.5):
     return jnp.where(take_b, parents_b, parents_a)
 
 
-def one_point_crossover(key, parents_a, parents_b):
+def one_point_crossover(key: jax.Array, parents_a: jax.Array,
+                        parents_b: jax.Array) -> jax.Array:
     """One-point crossover: ``child[n] = a[n, :c_n] ++ b[n, c_n:]``.
 
     The cut ``c_n`` is uniform in ``{1, ..., G-1}`` so both parents contribute
@@ -249,7 +253,8 @@ def one_point_crossover(key, parents_a, parents_b):
     return jnp.where(jnp.arange(genes)[None, :] < cut, parents_a, parents_b)
 
 
-def bit_flip_mutation(key, genomes, rate: Optional[float] = None):
+def bit_flip_mutation(key: jax.Array, genomes: jax.Array,
+                      rate: Optional[float] = None) -> jax.Array:
     """Independent bit flips: ``out = genomes XOR (u < rate)``, ``u ~ U[0, 1)``.
 
     Args:
@@ -264,7 +269,8 @@ def bit_flip_mutation(key, genomes, rate: Optional[float] = None):
     return genomes ^ jax.random.bernoulli(key, rate, genomes.shape)
 
 
-def repair(genomes, group_index, num_groups: int, key=None):
+def repair(genomes: jax.Array, group_index: ArrayLike, num_groups: int,
+           key: Optional[jax.Array] = None) -> jax.Array:
     """Keep at least one gene per group.
 
     Gene ``g`` belongs to group ``group_index[g]``. For every (individual,
@@ -299,8 +305,8 @@ def repair(genomes, group_index, num_groups: int, key=None):
     return genomes | (empty & chosen)
 
 
-def initial_population(key, pop_size: int, num_genes: int,
-                       keep_prob_range: Sequence[float] = (0.5, 1.0)):
+def initial_population(key: jax.Array, pop_size: int, num_genes: int,
+                       keep_prob_range: Sequence[float] = (0.5, 1.0)) -> jax.Array:
     """Biased random genomes spread across sizes.
 
     Individual ``i`` draws ``p_i ~ U[lo, hi)`` and each of its genes is ``True``
@@ -325,13 +331,14 @@ def initial_population(key, pop_size: int, num_genes: int,
 # --------------------------------------------------------------------------
 
 
-def generation(key, genomes, objectives, evaluate_fn: Callable[..., Any], *,
+def generation(key: jax.Array, genomes: jax.Array, objectives: jax.Array,
+               evaluate_fn: Callable[..., Any], *,
                eval_args: tuple = (),
-               group_index=None,
+               group_index: Optional[ArrayLike] = None,
                num_groups: Optional[int] = None,
                crossover_fn: Callable = uniform_crossover,
                crossover_prob: float = 0.9,
-               mutation_rate: Optional[float] = None):
+               mutation_rate: Optional[float] = None) -> tuple[jax.Array, jax.Array]:
     """One NSGA-II generation with a fixed population size ``P``.
 
     1. crowded binary tournaments pick ``2P`` parents -> pairs ``(a_n, b_n)``;

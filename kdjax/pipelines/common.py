@@ -46,7 +46,7 @@ class Context:
 def setup(config: ml_collections.ConfigDict, workdir) -> Context:
     """Join a multi-host run if asked, build the mesh, load the data splits (fails early
     with a clear message if the dataset is missing)."""
-    sharding.initialize_distributed(config.train.distributed)
+    sharding.initialize_distributed(config.train)
     mesh = sharding.make_mesh(config.train.num_devices)
     splits = load_splits(config.data, seed=config.seed)
     log.info("data %s: train %d, validation %d, test %d, %d classes, input %s; mesh %s",

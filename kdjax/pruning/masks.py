@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -73,7 +74,7 @@ def binarize(masks: Mapping[str, jax.Array], threshold: float = 0.5) -> dict[str
     return {g: (jnp.asarray(m) > threshold).astype(jnp.float32) for g, m in masks.items()}
 
 
-def count_kept(masks: Mapping[str, jax.Array]) -> dict:
+def count_kept(masks: Mapping[str, jax.Array]) -> dict[str, int | np.ndarray]:
     """Kept channels per group: #{c : mask_g[c] ≠ 0}.
 
     [C] masks give a python int per group (usable as widths for ``get_model``);
@@ -84,7 +85,7 @@ def count_kept(masks: Mapping[str, jax.Array]) -> dict:
     return {g: int(c) if np.ndim(c) == 0 else c for g, c in counts.items()}
 
 
-def sparsity_summary(model: nn.Module, masks: Mapping[str, jax.Array]) -> dict:
+def sparsity_summary(model: nn.Module, masks: Mapping[str, jax.Array]) -> dict[str, Any]:
     """Kept/total channels per group and overall.
 
     Returns {'groups': {group: {'kept', 'total', 'kept_ratio'}}, 'kept', 'total',

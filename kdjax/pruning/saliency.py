@@ -23,7 +23,7 @@ writes the stream, the pre-activation BNs (and final BN) that read it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -109,8 +109,9 @@ def normalize_scores(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Ar
 
 
 def prune_to(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
-             keep_ratio=None, macs_target=None, model: nn.Module | None = None,
-             input_shape=None, normalize: str = "mean") -> dict[str, jax.Array]:
+             keep_ratio: float | None = None, macs_target: float | None = None,
+             model: nn.Module | None = None, input_shape: Sequence[int] | None = None,
+             normalize: str = "mean") -> dict[str, jax.Array]:
     """Zero the globally lowest-scoring alive channels until a target is met.
 
     scores, masks: {group: [C_g]} (binary masks; vmap for a population). Scores are

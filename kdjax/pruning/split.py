@@ -25,13 +25,18 @@ the layers a sub-network touches, and for all combinations of candidates at once
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple, Sequence
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from kdjax.pruning import cost as cost_lib
+
+Masks = Mapping[str, ArrayLike]  # {group: [..., C_g]}
 
 PROBE_SHAPE = (32, 32, 3)
 
@@ -47,7 +52,7 @@ class Subnet(NamedTuple):
     modules: tuple
 
 
-def default_boundaries(model) -> tuple[str, ...]:
+def default_boundaries(model: nn.Module) -> tuple[str, ...]:
     """The stage taps of a zoo model ("stage1", "stage2", ...): ResNet/WRN 3, VGG 5."""
     return tuple(t for t in model.taps() if t.startswith("stage"))
 
@@ -73,7 +78,8 @@ def _spans(model, boundaries: Sequence[str]) -> list[tuple[str | None, str | Non
     return list(zip(starts, (*boundaries, None)))
 
 
-def split(model, boundaries: Sequence[str], input_shape=PROBE_SHAPE) -> list[Subnet]:
+def split(model: nn.Module, boundaries: Sequence[str],
+          input_shape: Sequence[int] = PROBE_SHAPE) -> list[Subnet]:
     """Sub-networks of ``model`` cut at ``boundaries`` (see the module docstring).
 
     Raises ValueError for unknown/unordered boundaries or a sub-network with no group.
@@ -106,7 +112,8 @@ def split(model, boundaries: Sequence[str], input_shape=PROBE_SHAPE) -> list[Sub
     return subnets
 
 
-def split_groups(model, boundaries: Sequence[str], input_shape=PROBE_SHAPE) -> list[dict]:
+def split_groups(model: nn.Module, boundaries: Sequence[str],
+                 input_shape: Sequence[int] = PROBE_SHAPE) -> list[dict[str, int]]:
     """``[{group: C}]`` per sub-network, covering every mask group exactly once."""
     return [s.groups for s in split(model, boundaries, input_shape)]
 
@@ -116,12 +123,13 @@ def split_groups(model, boundaries: Sequence[str], input_shape=PROBE_SHAPE) -> l
 # --------------------------------------------------------------------------
 
 
-def layout(groups: dict) -> np.ndarray:
+def layout(groups: Mapping[str, int]) -> np.ndarray:
     """``group_index`` int32 [G] (G = Σ C): bit ``i`` belongs to the ``group_index[i]``-th group."""
     return np.concatenate([np.full(c, i, np.int32) for i, c in enumerate(groups.values())])
 
 
-def genome_to_masks(genome, groups: dict) -> dict:
+def genome_to_masks(genome: jax.Array | np.ndarray,
+                    groups: Mapping[str, int]) -> dict[str, jax.Array]:
     """Bool/float genome [..., G] -> float32 masks {group: [..., C]} (consecutive slices)."""
     masks, offset = {}, 0
     for g, c in groups.items():
@@ -130,7 +138,7 @@ def genome_to_masks(genome, groups: dict) -> dict:
     return masks
 
 
-def masks_to_genome(masks: dict, groups: dict):
+def masks_to_genome(masks: Masks, groups: Mapping[str, int]) -> jax.Array:
     """Inverse of ``genome_to_masks``: bool [..., G]."""
     return jnp.concatenate([jnp.asarray(masks[g]) > 0 for g in groups], axis=-1)
 
@@ -140,14 +148,14 @@ def masks_to_genome(masks: dict, groups: dict):
 # --------------------------------------------------------------------------
 
 
-def touching(table: cost_lib.CostTable, groups) -> cost_lib.CostTable:
+def touching(table: cost_lib.CostTable, groups: Iterable[str]) -> cost_lib.CostTable:
     """The sub-table of layers whose MACs depend on one of ``groups`` (the layers a
     sub-network's masks shrink: its own, and the next layer reading its output)."""
     layers = tuple(l for l in table.layers if set(l.macs.groups) & set(groups))
     return cost_lib.CostTable(layers=layers, widths=table.widths)
 
 
-def kept_counts(table: cost_lib.CostTable, masks: dict) -> dict:
+def kept_counts(table: cost_lib.CostTable, masks: Masks) -> dict[str, Any]:
     """n_g = Σ_c masks[g][c] ([..., C] -> [...]) for groups in ``masks``, the full width
     C_g for the others."""
     counts = dict(table.widths)
@@ -155,21 +163,21 @@ def kept_counts(table: cost_lib.CostTable, masks: dict) -> dict:
     return counts
 
 
-def macs(table: cost_lib.CostTable, masks: dict):
+def macs(table: cost_lib.CostTable, masks: Masks) -> jax.Array:
     """MACs per image under masks of some groups (others unpruned); jnp, vmaps/jits,
     masks [P, C] give [P]. Equals cost.model_cost(model, shape, masks) for binary masks."""
     return cost_lib.counts_cost(table, kept_counts(table, masks))["macs"]
 
 
-def retained_ratio(table: cost_lib.CostTable, masks: dict):
+def retained_ratio(table: cost_lib.CostTable, masks: Masks) -> jax.Array:
     """Retained MACs ratio of the layers ``masks`` touch: with T = touching(table, masks),
     macs(T, masks) / macs(T, {}), in (0, 1]. The objective of a sub-network search."""
     sub = touching(table, masks)
     return macs(sub, masks) / cost_lib.counts_cost(sub, dict(table.widths))["macs"]
 
 
-def combination_macs(table: cost_lib.CostTable, subnet_groups: Sequence[dict],
-                     kept: Sequence[dict]) -> np.ndarray:
+def combination_macs(table: cost_lib.CostTable, subnet_groups: Sequence[Mapping[str, int]],
+                     kept: Sequence[Mapping[str, ArrayLike]]) -> np.ndarray:
     """Whole-network MACs of every combination of per-sub-network candidates.
 
     kept[s]: {group of sub-network s: int [K_s]} kept channels of its K_s candidates.
@@ -193,7 +201,7 @@ def combination_macs(table: cost_lib.CostTable, subnet_groups: Sequence[dict],
 # --------------------------------------------------------------------------
 
 
-def spread_indices(values, k: int) -> np.ndarray:
+def spread_indices(values: ArrayLike, k: int) -> np.ndarray:
     """Up to ``k`` distinct indices of ``values`` [N] spread evenly over its range:
     for targets t_j = linspace(min, max, k), the nearest not-yet-chosen point; sorted."""
     values = np.asarray(values, np.float64)
@@ -205,7 +213,8 @@ def spread_indices(values, k: int) -> np.ndarray:
     return np.array(sorted(chosen, key=lambda i: (values[i], i)), np.int64)
 
 
-def gpir_select(impairments: Sequence, macs: np.ndarray, budget: float):
+def gpir_select(impairments: Sequence[ArrayLike], macs: ArrayLike,
+                budget: float) -> tuple[tuple[int, ...], float]:
     """Min-Σ-impairment combination meeting a MACs budget.
 
     impairments: S arrays [K_s], Δ_s(p) (full-network loss increase with only
@@ -231,7 +240,8 @@ def gpir_select(impairments: Sequence, macs: np.ndarray, budget: float):
     return tuple(int(i) for i in index), float(total[index])
 
 
-def brute_force_select(impairments: Sequence, macs: np.ndarray, budget: float):
+def brute_force_select(impairments: Sequence[ArrayLike], macs: np.ndarray,
+                       budget: float) -> tuple[tuple[int, ...], float] | None:
     """Reference GPIR by enumeration (loops; for tests and small problems)."""
     best = None
     for combo in itertools.product(*(range(len(d)) for d in impairments)):
@@ -247,7 +257,7 @@ def brute_force_select(impairments: Sequence, macs: np.ndarray, budget: float):
 # --------------------------------------------------------------------------
 
 
-def uniform_masks(groups: dict, keep: float) -> dict:
+def uniform_masks(groups: Mapping[str, int], keep: float) -> dict[str, jax.Array]:
     """Keep the first max(1, round(keep · C)) channels of every group: {group: f32 [C]}."""
     out = {}
     for g, c in groups.items():
@@ -256,8 +266,8 @@ def uniform_masks(groups: dict, keep: float) -> dict:
     return out
 
 
-def uniform_for_budget(table: cost_lib.CostTable, groups: dict, budget: float,
-                       iters: int = 40) -> dict:
+def uniform_for_budget(table: cost_lib.CostTable, groups: Mapping[str, int], budget: float,
+                       iters: int = 40) -> dict[str, jax.Array]:
     """Uniform masks with the largest keep fraction whose MACs are ≤ budget (bisection
     on keep ∈ (0, 1]; the per-group rounding makes MACs monotone non-decreasing in keep)."""
     cost = lambda keep: float(macs(table, uniform_masks(groups, keep)))
@@ -275,7 +285,7 @@ def uniform_for_budget(table: cost_lib.CostTable, groups: dict, budget: float,
 # --------------------------------------------------------------------------
 
 
-def reference_point(initial_objectives, ratio_margin: float = 0.05,
+def reference_point(initial_objectives: ArrayLike, ratio_margin: float = 0.05,
                     loss_factor: float = 1.1) -> np.ndarray:
     """Fixed 2-D hypervolume reference of a search: (1 + ratio_margin,
     loss_factor · max initial loss), from the initial population's [P, 2] objectives."""

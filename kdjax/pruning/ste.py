@@ -1,7 +1,7 @@
 """Differentiable binary channel masks: PDD's straight-through estimator (jax.custom_vjp).
 
 Forward:  M(m) = (sign(m) + 1) / 2 with sign(0) := −1, i.e. M = 1 if m > 0 else 0, so
-          M ∈ {0, 1} exactly (PAPERS.md: M ∈ {0, 1}; a logit of exactly 0 is "off").
+          M ∈ {0, 1} exactly (docs/pdd.md: M ∈ {0, 1}; a logit of exactly 0 is "off").
 Backward: ∂M/∂m := max(0, 1 − |m|), the ApproxSign surrogate (the derivative of the
           piecewise-quadratic approximation of sign, halved like M): logits near 0
           receive gradient and can switch a channel on or off; |m| ≥ 1 is frozen.

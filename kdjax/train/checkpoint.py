@@ -189,3 +189,14 @@ def save_json(path: pathlib.Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     tmp.replace(path)
+
+
+def save_variables(stage_dir, spec: dict, variables: dict, config: dict) -> None:
+    """Write ``{'params', 'batch_stats'}`` as a stage directory's ``best/0`` checkpoint, so
+    ``load_variables(stage_dir)`` and ``--config.teacher.checkpoint=stage_dir`` read it
+    (used for teachers made elsewhere, e.g. by ``kdjax.convert_torch``)."""
+    meta = {"model": spec, "config": config, "progress": {}}
+    manager = _manager(pathlib.Path(stage_dir) / BEST_DIR, max_to_keep=1)
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(variables),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    manager.close()

@@ -280,7 +280,7 @@ def _evaluate_and_save(stage, state, step, compiled_eval, eval_data, mesh, write
 
 def _final_results(stage, state, compiled_eval, eval_data, mesh, progress) -> dict:
     """Results of a finished stage: last-epoch and best-epoch test accuracy, both logged
-    because published tables use either (see PAPERS.md)."""
+    because published tables use either (see docs/distillation_losses.md)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     test = evaluate(compiled_eval, variables, eval_data.test, eval_data.data_cfg,
                     stage.eval_batch_size, mesh)

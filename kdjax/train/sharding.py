@@ -1,12 +1,15 @@
 """Device mesh, shardings and host-to-global batch assembly.
 
-One way to parallelise (DESIGN.md rule 6): a 1-D ``data`` mesh over the chosen
+One way to parallelise (docs/architecture.md): a 1-D ``data`` mesh over the chosen
 devices, parameters and optimizer state replicated, batches sharded on their
 leading axis. On several hosts, ``jax.distributed.initialize()`` is called first
 and each process feeds only its local slice of every global batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -15,13 +18,49 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """Join a multi-host run (Cloud TPU VM pods, multi-node GPU) when ``enabled``.
+def distributed_kwargs(train: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Arguments for ``jax.distributed.initialize`` from the ``train`` config section.
 
-    Must run before any other JAX call. On a single host it is a no-op.
+    Keys: ``distributed`` (bool), ``coordinator_address`` (``"host:port"``, ``""`` =
+    auto-detect), ``num_processes`` and ``process_id`` (``-1`` = auto-detect). Returns
+    None when ``distributed`` is False. Auto-detected values are passed as None, so JAX
+    reads them from the cluster environment (Cloud TPU VM, Slurm, ...); explicit ones
+    are needed elsewhere (several GPU machines, a localhost test). Raises ValueError for
+    explicit settings without ``distributed=True``, ``num_processes < 1`` or a
+    ``process_id`` outside ``[0, num_processes)``.
     """
-    if enabled:
-        jax.distributed.initialize()
+    address = train.get("coordinator_address", "")
+    num_processes = train.get("num_processes", -1)
+    process_id = train.get("process_id", -1)
+    if not train.get("distributed", False):
+        if address or num_processes != -1 or process_id != -1:
+            raise ValueError(
+                "train.coordinator_address/num_processes/process_id are set but "
+                "train.distributed=False; add --config.train.distributed=True"
+            )
+        return None
+    if num_processes != -1 and num_processes < 1:
+        raise ValueError(f"train.num_processes={num_processes}; valid: -1 (auto-detect) or >= 1")
+    if process_id != -1 and (process_id < 0 or num_processes != -1 and process_id >= num_processes):
+        valid = ">= 0" if num_processes == -1 else f"0..{num_processes - 1}"
+        raise ValueError(f"train.process_id={process_id}; valid: -1 (auto-detect) or {valid}")
+    return dict(
+        coordinator_address=address or None,
+        num_processes=None if num_processes == -1 else num_processes,
+        process_id=None if process_id == -1 else process_id,
+    )
+
+
+def initialize_distributed(train: Mapping[str, Any]) -> None:
+    """Join a multi-process run (Cloud TPU VM pods, several GPU hosts) when
+    ``train.distributed`` is True, with the settings of :func:`distributed_kwargs`.
+
+    Must run before any other JAX call. A no-op when ``train.distributed`` is False
+    or when this process has already joined (pipelines with several stages).
+    """
+    kwargs = distributed_kwargs(train)
+    if kwargs is not None and not jax.distributed.is_initialized():
+        jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:

@@ -1,0 +1,118 @@
+"""PyTorch twins of kdjax zoo models (optional: needs ``pip install 'kdjax[torch]'``).
+
+Two uses: the PyTorch side of ``python -m kdjax.bench --compare-torch`` (the same
+architecture and step in PyTorch eager, alternated with ours) and the reference that
+``kdjax.convert_torch`` is tested against. The modules use the state-dict key layout of
+the public CIFAR distillation zoo (RepDistiller / mdistiller), so their checkpoints
+convert directly:
+
+  CIFAR ResNet   conv1, bn1, layer{S}.{B}.{conv1,bn1,conv2,bn2,downsample.0,downsample.1}, fc
+  VGG            block{S-1}.{3K} (conv with bias), block{S-1}.{3K+1} (BN), classifier
+
+Architectures are built from kdjax's own model configs, so a twin always has exactly the
+parameters of the kdjax model (``tests/test_convert_torch.py`` checks the counts).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdjax.models import resnet as jax_resnet
+from kdjax.models import vgg as jax_vgg
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU (NCHW)."""
+
+    def __init__(self, in_width: int, out_width: int, stride: int, projection: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_width, out_width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_width)
+        self.conv2 = nn.Conv2d(out_width, out_width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_width)
+        self.downsample = None
+        if projection:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_width, out_width, 1, stride, bias=False), nn.BatchNorm2d(out_width))
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(h + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of ``kdjax.models.resnet`` (same config dict), NCHW in, logits out."""
+
+    def __init__(self, blocks_per_stage: int, base_widths, num_classes: int, in_channels=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, base_widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(base_widths[0])
+        in_width = base_widths[0]
+        for s in (1, 2, 3):
+            blocks = []
+            for b in range(blocks_per_stage):
+                blocks.append(BasicBlock(
+                    in_width, base_widths[s], jax_resnet.STRIDES[s - 1] if b == 0 else 1,
+                    jax_resnet.has_projection(s, b, base_widths)))
+                in_width = base_widths[s]
+            setattr(self, f"layer{s}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(base_widths[3], num_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.layer3(self.layer2(self.layer1(h)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class VGG(nn.Module):
+    """The CIFAR VGG-BN of ``kdjax.models.vgg``: pools after stages 1–3, GAP, one Linear."""
+
+    def __init__(self, stage_widths, num_classes: int, in_channels=3):
+        super().__init__()
+        in_width = in_channels
+        for s, convs in enumerate(stage_widths):
+            layers = []
+            for width in convs:
+                layers += [nn.Conv2d(in_width, width, 3, 1, 1), nn.BatchNorm2d(width),
+                           nn.ReLU()]
+                in_width = width
+            setattr(self, f"block{s}", nn.Sequential(*layers))
+        self.classifier = nn.Linear(in_width, num_classes)
+        self.num_stages = len(stage_widths)
+
+    def forward(self, x):
+        h = x
+        for s in range(self.num_stages):
+            if jax_vgg.POOL_BEFORE[s]:
+                h = nn.functional.max_pool2d(h, 2)
+            h = getattr(self, f"block{s}")(h)
+        return self.classifier(h.mean(dim=(2, 3)))
+
+
+def get_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The PyTorch twin of kdjax zoo model ``name`` (CIFAR ResNets and VGGs)."""
+    if name in jax_resnet.CONFIGS:
+        return CifarResNet(num_classes=num_classes, in_channels=in_channels,
+                           **jax_resnet.CONFIGS[name])
+    if name in jax_vgg.CONFIGS:
+        return VGG(num_classes=num_classes, in_channels=in_channels, **jax_vgg.CONFIGS[name])
+    raise ValueError(f"no PyTorch twin for model {name!r}; available: "
+                     f"{', '.join(sorted([*jax_resnet.CONFIGS, *jax_vgg.CONFIGS]))}")
+
+
+def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN scales, biases and running statistics (in place), so that a conversion
+    test would notice a swapped or dropped BN tensor; returns ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                module.bias.copy_(0.3 * torch.randn(c, generator=gen))
+                module.running_mean.copy_(0.3 * torch.randn(c, generator=gen))
+                module.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    return model
