@@ -59,7 +59,8 @@ def pruned_latency(model_name: str, args, png: str, targets=TARGETS,
             lambda: jax.block_until_ready(infer(row["variables"], x)), args.warmup, args.repeats)
     dense = rows[0]
     print(f"| {model_name} MACs target | round_to | MACs (M) | params | ms / batch {args.batch} "
-          f"| speed-up | MACs reduction | speed-up / MACs reduction |\n|---|---|---|---|---|---|---|---|")
+          f"| speed-up | MACs reduction | speed-up / MACs reduction |\n"
+          f"|---|---|---|---|---|---|---|---|")
     for row in rows:
         row["speedup"] = dense["seconds"] / row["seconds"]
         reduction = dense["macs"] / row["macs"]

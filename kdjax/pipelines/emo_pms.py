@@ -618,13 +618,14 @@ def search_saliency(ctx, net: Network, kind: str) -> tuple[dict, dict, dict]:
             scores = jax.tree.map(jnp.add, scores,
                                   batch_scores(variables, batch["image"], batch["label"]))
     masks = saliency.prune_to(scores, ones, macs_target=net.budget, model=model,
-                              input_shape=ctx.input_shape)
+                              input_shape=ctx.input_shape, round_to=ctx.config.emo.round_to)
     return masks, {}, {"scores": kind}
 
 
 def search_uniform(ctx, net: Network) -> tuple[dict, dict, dict]:
     """The same fraction of every group kept, the largest one meeting the budget."""
-    masks = split_lib.uniform_for_budget(net.table, models.mask_groups(net.model), net.budget)
+    masks = split_lib.uniform_for_budget(net.table, models.mask_groups(net.model), net.budget,
+                                         round_to=ctx.config.emo.round_to)
     return masks, {}, {}
 
 
@@ -748,7 +749,9 @@ def run(config, workdir) -> dict:
         masks, params, info = search_uniform(search_ctx, net)
     info["seconds"] = time.perf_counter() - t0
     variables = with_params(net.variables, params)
-    if emo.round_to > 1:  # only removes channels: the MACs budget still holds
+    # Rounding only removes channels, so the budget still holds (a no-op after l1, taylor
+    # and uniform, which round inside their budget search).
+    if emo.round_to > 1:
         masks = saliency.round_masks(saliency.l1_scores(net.model, variables["params"]),
                                      masks, emo.round_to)
     return finish(ctx, net, masks, variables, info, teacher_results, out_dir)

@@ -116,7 +116,8 @@ def check_round_to(round_to: int) -> int:
     return int(round_to)
 
 
-def round_counts(kept: jax.typing.ArrayLike, width: jax.typing.ArrayLike, round_to: int) -> jax.Array:
+def round_counts(kept: jax.typing.ArrayLike, width: jax.typing.ArrayLike,
+                 round_to: int) -> jax.Array:
     """Kept-channel counts rounded down to a multiple of ``round_to``.
 
     r(k) = k                               if k = width (an unpruned group keeps its
