@@ -7,8 +7,8 @@ over seeds (``python -m kdjax.study``; protocol and why: BUILD_NOTES "Evidence p
 Rerunning the same command continues where it stopped; results: DIR/study.md and
 DIR/<comparison>.png. Fewer seeds: ``--config.seeds="(0,1)"``.
 
-The protocol (Fashion-MNIST, 5,000 training examples, crop+flip, 15 epochs; resnet20
-teacher trained once with seed 0 and shared; resnet8 student) is applied to every run by
+The protocol (Fashion-MNIST, 2,000 training examples, no augmentation, batch 64; resnet20
+teacher trained 30 epochs once with seed 0 and shared; resnet8 student, 20 epochs) is applied to every run by
 ``overrides`` (data, evaluation cadence) and by each distillation comparison's own
 ``overrides`` (the student's budget). The pruning pipelines keep their demo schedules on
 the protocol's data: their budgets are in their own configs and are not tuned here.
@@ -27,16 +27,17 @@ CASCADED = "configs/cascaded.py:demo"
 CROSS_LAYER = "configs/cross_layer.py:demo"
 
 # The protocol (BUILD_NOTES "Evidence protocol"): data regime shared by every run.
-TRAIN_SIZE = 5000
-EPOCHS = 15
-STEPS_PER_EPOCH = TRAIN_SIZE // 128          # demo batch 128, last partial batch dropped
+TRAIN_SIZE = 2000
+BATCH_SIZE = 64
+STUDENT_EPOCHS = 20
+TEACHER_EPOCHS = 30
+STEPS_PER_EPOCH = TRAIN_SIZE // BATCH_SIZE   # the last partial batch is dropped
 PROTOCOL = (
     ("data.train_size", TRAIN_SIZE),
-    ("data.augment", "crop_flip"),
-    ("data.crop_padding", 2),
+    ("data.augment", "none"),
     ("train.eval_every_steps", 5 * STEPS_PER_EPOCH),   # evaluate every 5 epochs (and at the end)
 )
-STUDENT_BUDGET = (("optim.epochs", EPOCHS),)
+STUDENT_BUDGET = (("optim.epochs", STUDENT_EPOCHS), ("optim.batch_size", BATCH_SIZE))
 
 # The loss zoo of kdjax.distill (RepDistiller's methods), each with its published defaults.
 ZOO = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")
@@ -171,7 +172,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.overrides = PROTOCOL
     config.teacher = ml_collections.ConfigDict(dict(
         config="configs/supervised.py:demo", seed=0, stage="model",
-        overrides=(("model.name", "resnet20"), ("optim.epochs", EPOCHS))))
+        overrides=(("model.name", "resnet20"), ("optim.epochs", TEACHER_EPOCHS),
+                   ("optim.batch_size", BATCH_SIZE))))
     if arg == "":
         config.description = ("Every pipeline and method under the evidence protocol "
                               "(BUILD_NOTES \"Evidence protocol\").")
