@@ -196,6 +196,7 @@ def build_runs(study, workdir: pathlib.Path) -> tuple[Run, list[Run]]:
     teacher = teacher_run(study, workdir)
     kdjax_main.validate(teacher.config)
     checkpoint = str(teacher.dir / study.teacher.stage)
+    teacher_name = kdjax_main.model_name_keys(teacher.config)[0][1]
     seeds = tuple(int(s) for s in study.seeds)
     if not seeds:
         raise ValueError("study.seeds is empty")
@@ -213,12 +214,13 @@ def build_runs(study, workdir: pathlib.Path) -> tuple[Run, list[Run]]:
                 raise ValueError(f"comparison {comp.name!r}: kind {comp.kind!r}; valid: "
                                  f"distill, pruning")
             for var in comp.variants:
-                runs.append(resolve_variant(study, comp, var, seed, workdir, checkpoint))
+                runs.append(resolve_variant(study, comp, var, seed, workdir, checkpoint,
+                                            teacher_name))
     return teacher, runs
 
 
 def resolve_variant(study, comp, var, seed: int, workdir: pathlib.Path,
-                    checkpoint: str) -> Run:
+                    checkpoint: str, teacher_name: str) -> Run:
     """One grid cell with its config built and checked, or marked skipped with a reason."""
     where = f"{comp.name}/{var.name}"
     run = Run(comp.name, var.name, seed, workdir / comp.name / var.name / f"seed{seed}",
@@ -236,12 +238,15 @@ def resolve_variant(study, comp, var, seed: int, workdir: pathlib.Path,
     apply_overrides(config, comp.overrides, f"{comp.name}.overrides")
     apply_overrides(config, var.overrides, f"{where}.overrides")
     config.seed = seed
-    if "teacher" in config and var.shared_teacher:
-        config.teacher.checkpoint = checkpoint
-    config.lock()
     from kdjax import main as kdjax_main
 
-    kdjax_main.validate(config)
+    kdjax_main.validate(config)  # before teacher.checkpoint is set: it is trained later
+    if "teacher" in config and var.shared_teacher:
+        if config.teacher.name != teacher_name:
+            raise ValueError(f"{where}: teacher.name={config.teacher.name!r} but the study's "
+                             f"shared teacher is a {teacher_name!r}")
+        config.teacher.checkpoint = checkpoint
+    config.lock()
     check_distill_method(config, where)
     run.config = config
     return run

@@ -109,7 +109,7 @@ def tiny_study(variants, seeds=(0, 1)):
     config.teacher = ml_collections.ConfigDict(dict(
         config="configs/supervised.py:demo", seed=0, stage="model",
         overrides=(("model.name", "resnet8"), ("optim.batch_size", 16))))
-    budget = (("optim.batch_size", 16), ("student.name", "resnet8"))
+    budget = (("optim.batch_size", 16), ("student.name", "resnet8"), ("teacher.name", "resnet8"))
     config.comparisons = (ml_collections.ConfigDict(dict(
         name="cmp", kind="distill", baseline=variants[0].name, description="two variants",
         overrides=budget, variants=tuple(variants))),)
@@ -136,6 +136,14 @@ def test_bad_baseline_fails_at_start(tmp_path):
     config = tiny_study([var("a", (), "kd")])
     config.comparisons[0].baseline = "nope"
     with pytest.raises(ValueError, match="baseline 'nope' is not one of its variants"):
+        study.build_runs(config, tmp_path)
+
+
+def test_teacher_of_another_model_fails_at_start(tmp_path):
+    config = tiny_study([var("a", (("kd.baseline", True), ("teacher.name", "resnet14")),
+                             "student")])
+    with pytest.raises(ValueError, match="cmp/a: teacher.name='resnet14' but the study's "
+                                         "shared teacher is a 'resnet8'"):
         study.build_runs(config, tmp_path)
 
 
