@@ -27,9 +27,9 @@ PAIRS = {
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = config_lib.base("kd")
     config.kd = ml_collections.ConfigDict(dict(
-        temperature=4.0, ce_weight=0.1, kd_weight=0.9,
         baseline=True,  # also train the student from scratch for comparison
     ))
+    config.distill = config_lib.distill("kd")  # KD: 0.1·CE + 0.9·KD, T = 4
     if arg in PAIRS:
         teacher, student = PAIRS[arg]
         config.data = config_lib.cifar_data("cifar100")

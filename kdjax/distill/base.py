@@ -60,12 +60,20 @@ class Method:
 
     name: ClassVar[str] = ""
     init_stage: ClassVar[bool] = False     # FitNet/AB/FT/FSP: an init stage runs first
+    init_stage_trains_student: ClassVar[bool] = True   # FT: only its paraphraser learns
     default_weight: ClassVar[float] = 1.0
+    default_ce_weight: ClassVar[float] = 1.0   # γ of CE beside the method (KD: 0.1)
     default_taps: ClassVar[tuple[str, ...]] = ()
 
-    weight: float = 1.0
+    weight: float | None = None            # None: ``default_weight``
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.weight is None:
+            object.__setattr__(self, "weight", self.default_weight)
+        object.__setattr__(self, "student_taps", tuple(self.student_taps))
+        object.__setattr__(self, "teacher_taps", tuple(self.teacher_taps))
 
     # --- taps -------------------------------------------------------------------------
     @property
@@ -119,6 +127,39 @@ class Method:
                         batch: dict) -> LossResult:
         """The loss of the initialisation stage (only when ``init_stage``)."""
         raise NotImplementedError(f"method {self.name!r} has no initialisation stage")
+
+    # --- hooks with defaults -----------------------------------------------------------
+    def term(self, params, state, student: Outputs, teacher: Outputs, batch: dict,
+             aux: Aux) -> tuple[jax.Array, dict, Any, dict]:
+        """What the objective adds to γ·CE: (loss, metrics, new state, optimizer extra
+        keyword arguments). Default: `loss` and no extra arguments; methods that read the
+        optimizer state or the step (DynamicKD, DKD's warm-up) override this."""
+        del aux
+        loss, metrics, state = self.loss(params, state, student, teacher, batch)
+        return loss, metrics, state, {}
+
+    def transform(self, num_classes: int, steps_per_epoch: int):
+        """An optax transformation to chain after the optimizer (DynamicKD's controller),
+        or None."""
+        del num_classes, steps_per_epoch
+        return None
+
+    def for_stage(self, steps_per_epoch: int) -> "Method":
+        """The method bound to a stage's epoch length (DKD's warm-up counts epochs).
+        Default: itself."""
+        del steps_per_epoch
+        return self
+
+    def init_stage_variables(self, params, state) -> tuple[Any, Any]:
+        """(params, state) the initialisation stage starts from. Default: all of them."""
+        return params, state
+
+    def after_init_stage(self, params, state, trained_params, trained_state
+                         ) -> tuple[Any, Any]:
+        """(params, state) of the main stage given the init stage's result. Default: the
+        trained ones."""
+        del params, state
+        return trained_params, trained_state
 
     def metric(self, suffix: str = "") -> str:
         """Namespaced metric key: "distill/<name>" or "distill/<name>/<suffix>"."""
