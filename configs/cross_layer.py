@@ -3,13 +3,16 @@
 KD").
 
 Stages, each resumable under ``workdir/<stage>/``:
-  teacher_<i>  every entry of ``config.teachers``: loaded from its ``checkpoint`` (never
-               re-saved), or zoo model ``name`` trained with ``seed`` and ``optim``;
+  teacher_<i>  every entry of ``config.teachers``: ``"<zoo name>@<seed>"`` is trained with
+               ``teacher_optim`` and that seed (init and data order) — reused when the
+               stage has finished; any other entry is a checkpoint path (a stage directory
+               such as ``/tmp/sup/model``), loaded and never re-saved;
   stage1       the student backbone + one 1×1 adapter per tap matches the Gram matrices of
                teacher ``cross_layer.target_teacher`` for ``cross_layer.gram_pairs`` (MSE);
   stage2       from the stage-1 student, adapters dropped: γ·CE + α·T²·KL(p̄ ‖ p_s) with
                p̄ the mean of all teachers' softened probabilities (one compiled ensemble
-               forward); the exported student is a plain zoo model.
+               forward; ``distill.*`` sets T, γ, α); the exported student is a plain zoo
+               model.
 ``cross_layer.ablations=True`` adds, with the same budget: ``student`` (CE alone),
 ``kd_teacher`` (KD from the target teacher), ``kd_ensemble`` (KD from the ensemble, no
 stage 1) and ``stage1_kd_teacher`` (stage 1, then KD from the target teacher).
@@ -24,10 +27,10 @@ budget, ``imagenet64_optim`` below):
         CIFAR-100 vgg11 ×2 → vgg6 (paper: +3.57)
     python -m kdjax.main --config=configs/cross_layer.py:imagenet64_mobilenet --workdir=/tmp/xl-in64
         TFDS imagenet_resized/64x64, mobilenet16 ×2 → mobilenet9 (paper: +3.98)
-Add ``--config.cross_layer.ablations=True`` for the comparison stages. Reuse trained
-teachers with ``--config.teachers[0].checkpoint=/tmp/sup/model`` (any entry; a loaded
-teacher may be of any zoo architecture with the same classes and input shape). More or
-fewer teachers: edit the preset's teacher list below.
+Add ``--config.cross_layer.ablations=True`` for the comparison stages. Other teachers
+(any number, any zoo architectures with the same classes and input shape; the first is
+the Gram target unless ``cross_layer.target_teacher`` says otherwise):
+    --config.teachers='("/tmp/sup/model", "resnet56@1", "resnet32@2")'
 
 Demo on the embedded Fashion-MNIST (2 teachers of different architectures, stage 1,
 stage 2; minutes on a 2-core CPU, timing in BUILD_NOTES):
@@ -70,14 +73,8 @@ def imagenet64_optim(epochs=40, milestones=(20, 30, 35)):
                             weight_decay=4e-5)
 
 
-def teacher_entry(name: str, seed: int, optim_cfg, checkpoint: str = ""):
-    """One ensemble member: a checkpoint to load, or zoo ``name`` trained with ``seed``."""
-    return ml_collections.ConfigDict(dict(
-        name=name, seed=seed, checkpoint=checkpoint, optim=optim_cfg))
-
-
 def cross_layer_section(gram_pairs, stage1_optim) -> ml_collections.ConfigDict:
-    """Stage-1 Gram matching and stage-2 ensemble KD settings.
+    """Stage-1 Gram matching (stage 2 and the KD ablations read ``config.distill``).
 
     target_teacher: index into ``teachers`` of the teacher whose Gram matrices stage 1
       matches (default the first).
@@ -86,7 +83,7 @@ def cross_layer_section(gram_pairs, stage1_optim) -> ml_collections.ConfigDict:
       differently (() = same names).
     gram_weight: β of the Gram MSE; stage1_ce_weight: CE beside it in stage 1 (0: pure
       Gram matching, as we read the paper).
-    temperature, ce_weight, kd_weight: stage 2 (and every KD ablation) γ·CE + α·T²·KL.
+    ablations: also train the comparison stages (module docstring).
     """
     return ml_collections.ConfigDict(dict(
         target_teacher=0,
@@ -94,7 +91,6 @@ def cross_layer_section(gram_pairs, stage1_optim) -> ml_collections.ConfigDict:
         teacher_taps=(), student_taps=(),
         gram_weight=1.0, stage1_ce_weight=0.0,
         stage1_optim=stage1_optim,
-        temperature=4.0, ce_weight=0.1, kd_weight=0.9,
         ablations=False,
     ))
 
@@ -123,10 +119,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/cross_layer.py; valid: "
                          f"{sorted(PRESETS) + ['demo']}")
-    config.teachers = tuple(teacher_entry(name, seed, make_optim())
-                            for seed, name in enumerate(teachers))
+    config.teachers = tuple(f"{name}@{seed}" for seed, name in enumerate(teachers))
+    config.teacher_optim = make_optim()
     config.student = ml_collections.ConfigDict(dict(name=student))
     config.optim = make_optim()
     config.cross_layer = cross_layer_section(pairs, stage1_optim)
+    # stage 2: γ·CE + α·T²·KL to the ensemble, γ = 0.1, α = 0.9, T = 4 (the KD recipe)
+    config.distill = config_lib.distill("kd")
     config.lock()
     return config

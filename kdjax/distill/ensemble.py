@@ -61,6 +61,10 @@ class TeacherEnsemble:
     members: tuple[Any, ...]
     temperature: float = 1.0
 
+    def taps(self) -> tuple[str, ...]:
+        """No feature taps: only logit methods can distill from an ensemble."""
+        return ()
+
     def apply(self, variables: Sequence[dict], x: jax.Array, train: bool = False):
         if train:
             raise ValueError("a TeacherEnsemble only runs in eval mode (train=False)")

@@ -231,14 +231,16 @@ def keep_head(trained: dict, fresh: dict) -> dict:
     return jax.tree_util.tree_map_with_path(pick, trained, fresh)
 
 
-def obtain_teacher(ctx: Context) -> tuple[Any, dict, dict]:
+def obtain_teacher(ctx: Context, teacher_cfg=None, stage: str = "teacher"
+                   ) -> tuple[Any, dict, dict]:
     """The teacher as (model, variables, results).
 
-    From ``config.teacher.checkpoint`` when set (its model spec must match the data:
-    same classes and input shape), else trained with ``config.teacher.optim`` under
-    ``workdir/teacher`` — reused as is when that stage has already finished.
+    From ``teacher_cfg.checkpoint`` when set (its model spec must match the data:
+    same classes and input shape), else trained with ``teacher_cfg.optim`` under
+    ``workdir/<stage>`` — reused as is when that stage has already finished.
+    teacher_cfg: a teacher section (name, checkpoint, optim); default ``config.teacher``.
     """
-    teacher_cfg = ctx.config.teacher
+    teacher_cfg = ctx.config.teacher if teacher_cfg is None else teacher_cfg
     if teacher_cfg.checkpoint:
         spec, variables = ckpt_lib.load_variables(teacher_cfg.checkpoint)
         expected = {"num_classes": ctx.num_classes, "input_shape": list(ctx.input_shape)}
@@ -246,7 +248,7 @@ def obtain_teacher(ctx: Context) -> tuple[Any, dict, dict]:
         model = models.get_model(spec["name"], spec["num_classes"], spec["widths"] or None)
         log.info("teacher %s loaded from %s", spec["name"], teacher_cfg.checkpoint)
         return model, variables, {"model": spec["name"], "checkpoint": teacher_cfg.checkpoint}
-    variables, results = run_stage(ctx, "teacher", teacher_cfg.name, teacher_cfg.optim,
+    variables, results = run_stage(ctx, stage, teacher_cfg.name, teacher_cfg.optim,
                                    supervised_objective)
     return models.get_model(teacher_cfg.name, ctx.num_classes), variables, results
 
