@@ -21,7 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from kdjax import models  # noqa: E402
 from kdjax.data import MissingDatasetError  # noqa: E402
-from kdjax.pipelines import dynamic_kd, emo_pms, kd, pdd, supervised  # noqa: E402
+from kdjax.pipelines import cross_layer, dynamic_kd, emo_pms, kd, pdd, supervised  # noqa: E402
 from kdjax.train.checkpoint import CheckpointError  # noqa: E402
 from kdjax.train.loop import Preempted  # noqa: E402
 
@@ -31,6 +31,7 @@ PIPELINES = {
     "emo_pms": emo_pms.run,
     "kd": kd.run,
     "pdd": pdd.run,
+    "cross_layer": cross_layer.run,
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file (configs/*.py[:preset]).",

@@ -149,7 +149,10 @@ def tiny(steps, teachers=("resnet8@0", "resnet8@1"), ablations=False):
     config.teachers = tuple(teachers)
     config.student.name = "resnet8"
     small = config_lib.optim(epochs=3, batch_size=64, lr=0.05)
-    config.teacher_optim = config.optim = config.cross_layer.stage1_optim = small
+    config.teacher_optim = config.optim = small
+    # no weight decay in stage 1: adapters that move were moved by their gradient
+    config.cross_layer.stage1_optim = config_lib.optim(epochs=3, batch_size=64, lr=0.05,
+                                                       weight_decay=0.0)
     config.cross_layer.gram_pairs = (("stem", "stage2"), ("stage2", "stage3"))
     config.cross_layer.ablations = ablations
     return config
