@@ -15,7 +15,6 @@ the ensemble's own, and the student after each stage.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,6 @@ from kdjax.train import checkpoint as ckpt_lib
 from kdjax.train import loop, sharding
 from kdjax.train.state import make_eval_step
 
-log = logging.getLogger("kdjax")
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
