@@ -146,6 +146,7 @@ def tiny(steps, teachers=("resnet8@0", "resnet8@1"), ablations=False):
     """2 resnet8 teachers → resnet8 on 16×16 synthetic data, ``steps`` steps per stage."""
     config = config_lib.synthetic(load_config("cross_layer"), steps=steps)
     config.data.synthetic_shape = (16, 16, 3)
+    config.train.num_devices = 2   # still sharded, fewer threads contending for the cores
     config.teachers = tuple(teachers)
     config.student.name = "resnet8"
     small = config_lib.optim(epochs=3, batch_size=64, lr=0.05)
