@@ -86,6 +86,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/emo_pms.py; "
                          f"valid: {sorted(PRESETS) + ['demo']}")
-    config.distill = config_lib.distill("kd")
+    config.distill = config_lib.distill("kd", init_epochs=1 if arg == "demo" else 30)
     config.lock()
     return config

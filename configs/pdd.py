@@ -69,5 +69,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # PDD's KD: α·CE + (1−α)·T²·KL with α = 0.6, T = 3 (set for distill.method=kd; with
     # another method pass its weights, or -1 for its published defaults).
     config.distill = config_lib.distill("kd", temperature=3.0, ce_weight=0.6, weight=0.4)
+    if arg == "demo":
+        config.distill.init_epochs = 1  # fitnet/ab/ft/fsp: a 1-epoch init stage
     config.lock()
     return config

@@ -133,7 +133,8 @@ def _check_same_batch(name_a: str, a, name_b: str, b) -> None:
         )
 
 
-def _check_same_shape(name_a: str, a, name_b: str, b) -> None:
+def _check_same_shape(name_a: str, a, name_b: str, b, min_ndim: int = 0) -> None:
+    _check_min_ndim(name_a, a, min_ndim)
     if _shape(a) != _shape(b):
         raise ValueError(
             f"{name_a} and {name_b} must have the same shape; got "
@@ -497,6 +498,15 @@ def _match_spatial(a, b):
     )
 
 
+def _pooled_map_pair(student_feature, teacher_feature):
+    """Checks two NHWC maps of one batch; pools the larger to the other's size."""
+    _check_ndim("student_feature", student_feature, 4)
+    _check_ndim("teacher_feature", teacher_feature, 4)
+    _check_same_batch("student_feature", student_feature, "teacher_feature",
+                      teacher_feature)
+    return _match_spatial(student_feature, teacher_feature)
+
+
 def attention_map(feature, p=2):
     """Attention-transfer spatial map (Zagoruyko & Komodakis, 2017).
 
@@ -536,11 +546,7 @@ def attention_transfer_loss(student_feature, teacher_feature, p=2,
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_ndim("student_feature", student_feature, 4)
-    _check_ndim("teacher_feature", teacher_feature, 4)
-    _check_same_batch("student_feature", student_feature, "teacher_feature",
-                      teacher_feature)
-    s, t = _match_spatial(student_feature, teacher_feature)
+    s, t = _pooled_map_pair(student_feature, teacher_feature)
     d = attention_map(s, p) - attention_map(t, p)
     return weighted_mean(jnp.mean(d * d, axis=-1), weights)
 
@@ -700,7 +706,7 @@ def correlation_congruence_loss(student_embedding, teacher_embedding,
     def correlation(e):
         u = _l2_normalize(e)
         x = 2.0 * gamma * (u @ u.T)
-        series = sum(x ** p / math.factorial(p) for p in range(order + 1))
+        series = sum(x ** p / float(math.factorial(p)) for p in range(order + 1))
         return jnp.exp(-2.0 * gamma) * series
 
     d = correlation(student_embedding) - correlation(teacher_embedding)
@@ -727,9 +733,8 @@ def vid_loss(student_mean, teacher_feature, log_variance_param, eps=1e-6,
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_min_ndim("student_mean", student_mean, 2)
     _check_same_shape("student_mean", student_mean, "teacher_feature",
-                      teacher_feature)
+                      teacher_feature, min_ndim=2)
     channels = _shape(teacher_feature)[-1]
     if _shape(log_variance_param) != (channels,):
         raise ValueError(
@@ -743,7 +748,7 @@ def vid_loss(student_mean, teacher_feature, log_variance_param, eps=1e-6,
 
 
 def _huber(x):
-    """Smooth L1 with ``delta = 1``: ``0.5 x^2`` if ``|x| < 1`` else ``|x| - 0.5``."""
+    """Smooth L1 (``delta = 1``): ``0.5 x^2`` if ``|x| < 1``, else ``|x| - 0.5``."""
     a = jnp.abs(x)
     return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
 
@@ -758,7 +763,7 @@ def _rkd_distance(e):
 
 
 def _rkd_angle(e):
-    """``[B, B, B]``: ``A[j, i, k] = cos`` of the angle at ``e_j`` in ``(e_i, e_j, e_k)``."""
+    """``[B, B, B]``, ``A[j, i, k]`` = cos of the angle e_i e_j e_k (at e_j)."""
     u = _l2_normalize(e[None, :, :] - e[:, None, :])  # u[j, i] ~ e_i - e_j
     return jnp.einsum("jid,jkd->jik", u, u)
 
@@ -775,8 +780,9 @@ def rkd_loss(student_embedding, teacher_embedding, distance_weight=25.0,
       + angle_weight * mean_{i, j, k distinct} h(psi_A^s - psi_A^t)``,
       ``h`` the Huber loss with ``delta = 1`` (smooth L1).
 
-    The means run over distinct pairs/triplets as in the paper (RepDistiller
-    averages over all ``B^2`` / ``B^3`` entries, degenerate ones included).
+    The means run over the paper's sets of distinct pairs/triplets (the paper
+    writes sums; RepDistiller averages over all ``B^2`` / ``B^3`` entries,
+    degenerate ones included, and its weights 25 / 50 assume averages).
 
     Args:
       student_embedding: ``[B, Ds]``; teacher_embedding: ``[B, Dt]``; ``B >= 3``.
@@ -848,9 +854,8 @@ def ab_loss(student_preact, teacher_preact, margin=1.0, weights=None):
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_min_ndim("student_preact", student_preact, 2)
     _check_same_shape("student_preact", student_preact, "teacher_preact",
-                      teacher_preact)
+                      teacher_preact, min_ndim=2)
     channels = _shape(student_preact)[-1]
     if _shape(margin) not in ((), (channels,)):
         raise ValueError(
@@ -880,9 +885,8 @@ def factor_transfer_loss(student_factor, teacher_factor, p=1, weights=None):
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_min_ndim("student_factor", student_factor, 2)
     _check_same_shape("student_factor", student_factor, "teacher_factor",
-                      teacher_factor)
+                      teacher_factor, min_ndim=2)
     d = (_l2_normalize(_flatten_batch(student_factor))
          - _l2_normalize(_flatten_batch(teacher_factor)))
     return weighted_mean(jnp.mean(jnp.abs(d) ** p, axis=-1), weights)
@@ -935,11 +939,7 @@ def nst_loss(student_feature, teacher_feature, weights=None):
     Returns:
       scalar, batch mean (or weighted mean) of ``l_i``.
     """
-    _check_ndim("student_feature", student_feature, 4)
-    _check_ndim("teacher_feature", teacher_feature, 4)
-    _check_same_batch("student_feature", student_feature, "teacher_feature",
-                      teacher_feature)
-    s, t = _match_spatial(student_feature, teacher_feature)
+    s, t = _pooled_map_pair(student_feature, teacher_feature)
 
     def channel_vectors(f):  # [B, H, W, C] -> [B, C, HW], unit rows
         b, h, w, c = _shape(f)
@@ -1010,7 +1010,8 @@ def crd_nce_loss(anchor, positive, negatives, normalizer, num_data,
 
     Args:
       anchor: ``[B, D]``, L2-normalised embeddings (not normalised here).
-      positive: ``[B, D]``, the positive (other modality, same example).
+      positive: ``[B, D]``, the other side's embedding of the same example
+        (RepDistiller: that side's memory-bank row at the example's index).
       negatives: ``[B, N, D]``, rows drawn from a memory bank by the caller.
       normalizer: scalar ``Z > 0``.
       num_data: the dataset size (scalar).
@@ -1060,5 +1061,6 @@ def crd_memory_update(bank, indices, new, momentum=0.5):
         raise ValueError(
             f"new rows {_shape(new)} and bank {_shape(bank)} differ in D."
         )
+    bank = jnp.asarray(bank)
     rows = momentum * bank[indices] + (1.0 - momentum) * jax.lax.stop_gradient(new)
     return bank.at[indices].set(_l2_normalize(rows).astype(bank.dtype))

@@ -9,8 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import config_lib, controllers, losses
-from kdjax.pipelines import common, dynamic_kd
+from kdjax import config_lib, controllers, distill, losses
+from kdjax.distill import Aux, Outputs
+from kdjax.distill.methods import KD, DynamicKD
+from kdjax.pipelines import dynamic_kd
 from kdjax.train import checkpoint as ckpt_lib
 
 from test_train import load_config
@@ -25,7 +27,7 @@ def tiny(steps, teacher="", baselines=False, lr=LR):
     config.teacher.checkpoint = teacher
     config.optim = config.teacher.optim = config_lib.optim(epochs=3, batch_size=64, lr=0.05)
     config.dynamic_kd.baselines = baselines
-    config.dynamic_kd.controller.lr = lr
+    config.distill.dynamic_kd.controller_lr = lr
     return config
 
 
@@ -86,6 +88,11 @@ def test_controller_moves_against_its_gradient(straight):
     assert len({r["controller"] for r in rows(straight)}) == 5  # it changes every step
 
 
+def dynamic_objective(kind, mode):
+    """γ·CE + DynamicKD with the preset's γ = 0.1, α = 0.9, T = 4."""
+    return distill.objective(DynamicKD(weight=0.9, temperature=4.0, kind=kind, mode=mode), 0.1)
+
+
 def logits_and_labels(seed, b=16, k=10):
     rng = np.random.default_rng(seed)
     z_s, z_t = (3 * rng.normal(size=(b, k)).astype(np.float32) for _ in range(2))
@@ -98,16 +105,16 @@ def test_objective_measures_for_the_controller(kind):
     c = np.exp(np.random.default_rng(1).normal(size=() if kind == "scalar" else (10,)))
     opt_state = (optax.EmptyState(), controllers.EntropyControllerState(
         log_c=jnp.log(jnp.float32(c)), count=jnp.int32(0)))
-    measure = lambda mode: jax.jit(dynamic_kd.dynamic_kd_objective(  # noqa: E731
-        4.0, 0.1, 0.9, kind, mode))(z_s, {}, batch, z_t, opt_state)
-    loss, metrics, extra = measure("gradient")
+    measure = lambda mode: jax.jit(dynamic_objective(kind, mode))(  # noqa: E731
+        Outputs(z_s, {}), Outputs(z_t, {}), batch, Aux({}, {}, opt_state, 0))
+    loss, metrics, _, extra = measure("gradient")
     # the measured gradient is the autodiff gradient of the KD term w.r.t. c
     auto = jax.grad(losses.dynamic_kd_loss, argnums=2)(z_s, z_t, jnp.float32(c), 4.0,
                                                        controller_kind=kind)
     np.testing.assert_allclose(extra["controller_grad"], auto, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(loss, 0.1 * metrics["ce"] + 0.9 * metrics["kd"], rtol=1e-6)
     np.testing.assert_allclose(metrics["controller"], np.mean(c), rtol=1e-6)
-    _, _, feedback = measure("entropy_feedback")
+    _, _, _, feedback = measure("entropy_feedback")
     h_q, h_p = controllers.controller_entropies(z_s, z_t, jnp.float32(c), 4.0,
                                                 controller_kind=kind)
     assert set(feedback) == {"student_entropy", "teacher_entropy"}
@@ -119,11 +126,13 @@ def test_objective_measures_for_the_controller(kind):
 def test_objective_at_unit_controller_is_vanilla_kd():
     z_s, z_t, batch = logits_and_labels(2)
     opt_state = controllers.entropy_controller().init({})
-    dynamic = dynamic_kd.dynamic_kd_objective(4.0, 0.1, 0.9, "scalar", "gradient")
-    vanilla = common.kd_objective(4.0, 0.1, 0.9)
-    assert dynamic(z_s, {}, batch, z_t, opt_state)[0] == vanilla(z_s, {}, batch, z_t, None)[0]
+    dynamic = dynamic_objective("scalar", "gradient")
+    vanilla = distill.objective(KD(weight=0.9, temperature=4.0), 0.1)
+    student, teacher = Outputs(z_s, {}), Outputs(z_t, {})
+    assert (dynamic(student, teacher, batch, Aux({}, {}, opt_state, 0))[0]
+            == vanilla(student, teacher, batch, Aux({}, {}, None, 0))[0])
     with pytest.raises(ValueError, match="entropy_feedback"):
-        dynamic_kd.dynamic_kd_objective(4.0, 0.1, 0.9, "scalar", "feedback")
+        dynamic_objective("scalar", "feedback")
 
 
 def test_resume_restores_the_controller_and_never_duplicates_log_lines(e2e, straight,
@@ -143,7 +152,7 @@ def test_resume_restores_the_controller_and_never_duplicates_log_lines(e2e, stra
 
 def test_unimplemented_controller_kind_fails_before_training(tmp_path):
     config = tiny(steps=1)
-    config.dynamic_kd.controller.kind = "per_sample"
+    config.distill.dynamic_kd.kind = "per_sample"
     with pytest.raises(ValueError, match="'per_sample' is not implemented"):
         dynamic_kd.run(config, tmp_path)
     assert not (tmp_path / "teacher").exists()
