@@ -41,6 +41,7 @@ stage 2; estimated ≈ 8 min on an idle 2-core CPU, teachers included, ≈ 15 mi
 import ml_collections
 
 from kdjax import config_lib
+from kdjax.distill.cross_layer import DEFAULT_PAIRS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,8 +49,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Preset -> (teacher names, student name, Gram pairs of teacher taps). VGG-6 and the
 # MobileNets are our own definitions (kdjax.models; BUILD_NOTES).
 PRESETS = {
-    "": (("resnet32", "resnet32"), "resnet8",
-         (("stage1", "stage2"), ("stage2", "stage3"), ("stage1", "stage3"))),
+    "": (("resnet32", "resnet32"), "resnet8", DEFAULT_PAIRS),
     "vgg11_vgg6": (("vgg11", "vgg11"), "vgg6",
                    (("stage2", "stage3"), ("stage3", "stage4"), ("stage2", "stage4"))),
     "imagenet64_mobilenet": (("mobilenet16", "mobilenet16"), "mobilenet9",
@@ -112,7 +112,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # Two teachers of different architectures; resnet8 student; 4 epochs everywhere
         # but stage 1 (1 epoch).
         teachers, student = ("resnet20", "resnet14"), config_lib.DEMO_STUDENT
-        pairs = PRESETS[""][2]
+        pairs = DEFAULT_PAIRS
         config.data = config_lib.demo_data()
         make_optim = config_lib.demo_optim
         stage1_optim = config_lib.optim(epochs=1, batch_size=128, lr=0.1, milestones=(),

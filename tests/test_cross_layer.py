@@ -225,6 +225,7 @@ def run_stage1(config, workdir):
     return cross_layer.train_stage1(ctx, (model, variables))
 
 
+@pytest.mark.slow
 def test_resume_mid_stage1_is_bit_identical_and_adapters_learn(e2e, tmp_path):
     run_stage1(resume_config(e2e, 1), tmp_path)
     run_stage1(resume_config(e2e, 2), tmp_path)
