@@ -92,8 +92,9 @@ def crop_flip_params(rng: np.random.Generator, batch_size: int,
 
 def _check_augment(augment: str) -> None:
   if augment not in VALID_AUGMENTATIONS:
-    raise ValueError(f"Unknown data.augment {augment!r}; valid: "
-                     f"{', '.join(VALID_AUGMENTATIONS)}")
+    raise ValueError(f"Unknown data.augment {augment!r} for in-memory sources; "
+                     f"valid: {', '.join(VALID_AUGMENTATIONS)} "
+                     f"(\"inception_crop\" needs data.source=\"tfds_stream\")")
 
 
 class _SplitReader:
@@ -147,6 +148,15 @@ class _TrainBatch(_SplitReader):
             "label": self.labels[idx[mine]]}
 
 
+def _builders(source) -> tuple[type, type]:
+  """(train, eval) batch builders: in-memory arrays, or a streaming source."""
+  if getattr(source, "streaming", False):
+    from kdjax.data import streaming  # pylint: disable=g-import-not-at-top
+
+    return streaming.StreamTrainBatch, streaming.StreamEvalBatch
+  return _TrainBatch, _EvalBatch
+
+
 def make_train_iterator(source, data_cfg, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1):
   """An endless iterator of this process's training batches.
@@ -158,8 +168,9 @@ def make_train_iterator(source, data_cfg, *, global_batch_size: int, seed: int,
   ``set_state(state)``; ``data_cfg.num_workers > 0`` prefetches in grain
   worker processes.
   """
-  batch_fn = _TrainBatch(source, data_cfg, global_batch_size, seed,
-                         process_index, process_count)
+  batch_cls = _builders(source)[0]
+  batch_fn = batch_cls(source, data_cfg, global_batch_size, seed,
+                       process_index, process_count)
   dataset = grain.MapDataset.range(sys.maxsize).map(batch_fn)
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
@@ -199,6 +210,7 @@ def eval_batches(source, data_cfg, *, global_batch_size: int,
   if len(source) == 0:
     raise ValueError("eval_batches needs a non-empty source")
   num_batches = -(-len(source) // global_batch_size)
-  batch_fn = _EvalBatch(source, data_cfg, global_batch_size, process_index,
-                        process_count)
+  batch_cls = _builders(source)[1]
+  batch_fn = batch_cls(source, data_cfg, global_batch_size, process_index,
+                       process_count)
   return grain.MapDataset.range(num_batches).map(batch_fn)
