@@ -1,5 +1,6 @@
 """ImageNet-scale features: throughput/MFU reporting, bf16 compute, ImageNet presets."""
 
+import numpy as np
 import pytest
 
 from kdjax.train import throughput
@@ -49,3 +50,79 @@ def test_bench_prints_per_device_and_mfu_columns(capsys):
     rows = [line for line in out.splitlines()
             if line.startswith("| resnet8") or line.startswith("| KD")]
     assert len(rows) == 3, out
+
+
+# ----------------------------------------------------------------------------
+# bf16 compute
+
+
+def _np_kd(zs, zt, t):
+    """float64 NumPy reference of T²·KL(softmax(zt/T) ‖ softmax(zs/T)), batch mean."""
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    lp, lq = log_softmax(zt / t), log_softmax(zs / t)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), -1)) * t * t)
+
+
+def _np_gram_loss(sa, sb, ta, tb):
+    """float64 reference of mean_jk (G_s - G_t)² with G = A^T B / (H W), same sizes."""
+    def gram(a, b):
+        n, h, w, _ = a.shape
+        return np.einsum("nsi,nsj->nij", a.reshape(n, h * w, -1), b.reshape(n, h * w, -1)) / (h * w)
+    d = gram(sa, sb) - gram(ta, tb)
+    return float(np.mean(d.reshape(len(d), -1) ** 2))
+
+
+def test_kd_and_gram_losses_on_bf16_inputs():
+    import jax.numpy as jnp
+
+    from kdjax import losses
+    from kdjax.train import precision
+
+    rng = np.random.default_rng(0)
+    # Logits and ReLU features of the sizes a bf16 ImageNet model produces.
+    zs, zt = (rng.normal(0, 8, (16, 1000)) for _ in range(2))
+    feats = [np.maximum(rng.normal(0, 4, (4, 8, 8, 64)), 0) for _ in range(4)]
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+    # Raw bf16 inputs: finite.
+    assert np.isfinite(float(losses.kd_loss(bf(zs), bf(zt), 4.0)))
+    assert np.isfinite(float(losses.cross_layer_gram_loss(*map(bf, feats))))
+    # As the train step computes them: bf16 outputs cast to float32, then the loss in
+    # float32 equals the float64 reference on the same (bf16-rounded) values.
+    up = lambda a: precision.cast_floating(bf(a), jnp.float32)
+    rounded = lambda a: np.asarray(up(a), np.float64)
+    assert float(losses.kd_loss(up(zs), up(zt), 4.0)) == pytest.approx(
+        _np_kd(rounded(zs), rounded(zt), 4.0), rel=1e-4)
+    assert float(losses.cross_layer_gram_loss(*map(up, feats))) == pytest.approx(
+        _np_gram_loss(*map(rounded, feats)), rel=1e-4)
+
+
+def test_bf16_forward_casts_and_keeps_float32_statistics():
+    import jax
+    import jax.numpy as jnp
+
+    import flax.linen as nn
+
+    from kdjax import models
+    from kdjax.train import precision
+
+    model = models.get_model("resnet8", 10)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):  # the dtype every conv computes in
+        if context.method_name == "__call__" and type(context.module).__name__ == "Conv":
+            seen.append(args[0].dtype)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        (logits, feats), updates = precision.apply(
+            model, variables, x, jnp.bfloat16, train=True, mutable=["batch_stats"])
+    assert seen and all(d == jnp.bfloat16 for d in seen)
+    assert logits.dtype == jnp.float32
+    assert all(f.dtype == jnp.float32 for f in jax.tree.leaves(feats))
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(updates))
+    with pytest.raises(ValueError, match="float32, bfloat16"):
+        precision.compute_dtype("float16")
