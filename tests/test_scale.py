@@ -1,5 +1,7 @@
 """ImageNet-scale features: throughput/MFU reporting, bf16 compute, ImageNet presets."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,55 @@ def test_bf16_forward_casts_and_keeps_float32_statistics():
     assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(updates))
     with pytest.raises(ValueError, match="float32, bfloat16"):
         precision.compute_dtype("float16")
+
+
+# ----------------------------------------------------------------------------
+# ImageNet presets: the first steps on TFDS's mock imagenet2012, streamed
+
+
+def shrink_batches(section, size=8):
+    """Every ``batch_size`` in a config (nested sections included) set to ``size``."""
+    for key, value in section.items():
+        if key == "batch_size":
+            section[key] = size
+        elif hasattr(value, "items"):
+            shrink_batches(value, size)
+
+
+def imagenet_smoke(name, preset="imagenet", models=None, steps=2, **sections):
+    """``configs/<name>.py:<preset>`` cut to ``steps`` steps of batch 8 at 16x16 on mock
+    data; ``models`` = {dotted key: tiny zoo model} overrides; ``sections`` update
+    config sections (e.g. emo=dict(...))."""
+    from test_train import load_config
+
+    config = load_config(name, preset)
+    config.data.update(dict(image_size=16, validation_size=8, num_workers=0))
+    config.train.update(dict(max_steps=steps, eval_batch_size=16, log_every_steps=1,
+                             num_devices=1))
+    shrink_batches(config)
+    for key, model in (models or {}).items():
+        section, field = key.rsplit(".", 1)
+        config[section][field] = model
+    for section, values in sections.items():
+        config[section].update(values)
+    return config
+
+
+def run_on_mock_imagenet(config, workdir):
+    import tensorflow_datasets as tfds
+
+    from kdjax import main as kdjax_main
+
+    kdjax_main.validate(config)
+    with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+        return kdjax_main.PIPELINES[config.pipeline](config, workdir)
+
+
+def test_dynamic_kd_imagenet_preset_first_steps(tmp_path):
+    config = imagenet_smoke("dynamic_kd", models={"teacher.name": "resnet8",
+                                                  "student.name": "resnet8"})
+    assert config.data.source == "tfds_stream" and config.data.augment == "inception_crop"
+    run_on_mock_imagenet(config, tmp_path)
+    for stage in ("teacher", "dynamic_kd"):
+        saved = json.loads((tmp_path / stage / "results.json").read_text())
+        assert saved["steps"] == 2
