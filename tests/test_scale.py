@@ -180,3 +180,16 @@ def test_dynamic_kd_imagenet_preset_first_steps(tmp_path):
     for stage in ("teacher", "dynamic_kd"):
         saved = json.loads((tmp_path / stage / "results.json").read_text())
         assert saved["steps"] == 2
+
+
+@pytest.mark.slow
+def test_emo_pms_imagenet_preset_first_steps(tmp_path):
+    config = imagenet_smoke(
+        "emo_pms", models={"teacher.name": "resnet8"},
+        emo=dict(population=4, generations=1, candidates_per_subnet=2, eval_batch=8,
+                 impairment_examples=8, selector_steps=2, constraint_steps=1,
+                 boundaries=("stage2",)))
+    assert config.target_flops_ratio == 0.5
+    run_on_mock_imagenet(config, tmp_path)
+    saved = json.loads((tmp_path / "emo_pms" / "results.json").read_text())
+    assert saved["pruned"]["retained_macs_ratio"] <= 0.5 + 1e-9
