@@ -88,11 +88,29 @@ def test_batch_norm_momentum_and_epsilon():
                                rtol=1e-5, atol=1e-6)
 
 
+def _halvings(size, floor, *steps):
+    """size halved cumulatively by each step count (floor or ceil division)."""
+    out = []
+    for k in steps:
+        size = size // 2 ** k if floor else -(-size // 2 ** k)
+        out.append(size)
+    return out
+
+
 def _expected_spatial(name, size):
-    """Spatial size of each stage tap (stem included for ResNet/WRN) for a size x size input."""
+    """Spatial size of each 4-d tap (stem included where there is one) for a size x size
+    input: floor for max-pools without padding, ceil for padded stride-2 convs/pools."""
+    if name in ("vgg6", "vgg11_cifar", "vgg16_cifar"):
+        return _halvings(size, True, 0, 1, 1, 1, 1)
     if name.startswith("vgg"):
-        return [size, size // 2, size // 4, size // 8, size // 8]
-    return [size, size, -(-size // 2), -(-size // 4)]
+        return _halvings(size, True, 0, 1, 1, 1, 0)
+    if name.startswith("mobilenet"):
+        return _halvings(size, False, 0, 0, 1, 1, 1, 1)
+    if name in ("resnet18", "resnet34", "resnet50"):  # conv 7x7/2 then max-pool 3x3/2
+        return _halvings(size, False, 2, 0, 1, 1, 1)
+    if name.endswith("_cifar"):
+        return _halvings(size, False, 0, 0, 1, 1, 1)
+    return _halvings(size, False, 0, 0, 1, 1)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -199,6 +217,11 @@ def _zero_channel(model, group, channel):
     ("wrn_16_2", "stage2", ["stage2"]),
     ("wrn_16_1", "stage1", ["stem", "stage1"]),
     ("wrn_16_2", "stage3", ["stage3", "embedding"]),
+    ("resnet18", "stage1", ["stem", "stage1"]),
+    ("resnet50", "stem", ["stem"]),
+    ("resnet50", "stage2", ["stage2"]),
+    ("mobilenet9", "stage2.block1", ["stage2"]),
+    ("vgg16_cifar", "stage3.conv2", ["stage3"]),
 ])
 def test_zeroed_stream_channel_in_taps(name, group, taps):
     model = get_model(name, NUM_CLASSES)
@@ -275,7 +298,8 @@ def test_vmap_over_mask_population():
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8"])
+@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8", "resnet18", "mobilenet9",
+                                  "vgg11_cifar"])
 def test_start_stop_compose(name):
     model = get_model(name, NUM_CLASSES)
     variables = random_variables(model, 10)
@@ -310,7 +334,7 @@ def test_start_stop_validation():
         model.apply(variables, x, start="stage2", stop="stage1")
 
 
-@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8"])
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "vgg16_cifar", "mobilenet9"])
 def test_train_mode_updates_batch_stats(name):
     model = get_model(name, NUM_CLASSES)
     variables = random_variables(model)

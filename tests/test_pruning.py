@@ -136,7 +136,7 @@ def test_hand_computed_pruning_costs():
     assert full["params"] - pruned["params"] == 9 * 32 + 16 + 2 + 2 + 9 * 64 + 64
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet8x4", "vgg8", "wrn_16_2"])
+@pytest.mark.parametrize("name", ["resnet20", "resnet8x4", "vgg8", "wrn_16_2", "vgg16_cifar"])
 def test_masked_cost_equals_cost_of_smaller_model(name):
     model = get_model(name, K)
     pop = masks_lib.random_masks(model, jax.random.key(7), keep_prob=0.5, population=2)
@@ -163,6 +163,11 @@ KEPT_BN = {  # a BN over an inner group's channels, per model
     "resnet20": (("stage2_block0", "bn1"), "stage2.block0"),
     "vgg8": (("stage2_bn0",), "stage2.conv0"),
     "wrn_16_2": (("stage2_block0", "bn2"), "stage2.block0"),
+    "vgg11_cifar": (("stage4_bn1",), "stage4.conv1"),
+    "vgg16_cifar": (("stage3_bn2",), "stage3.conv2"),
+    "resnet18": (("stage3_block1", "bn1"), "stage3.block1"),
+    "resnet50": (("stage2_block0", "bn2"), "stage2.block0.conv2"),
+    "mobilenet9": (("stage3_block0", "dw_bn"), "stage2.block1"),  # depthwise BN
 }
 
 

@@ -1,6 +1,8 @@
-"""Model zoo: CIFAR ResNets, Wide ResNets and VGGs as Flax Linen modules.
+"""Model zoo as Flax Linen modules: CIFAR ResNets, Wide ResNets, VGGs (RepDistiller and
+pruning-literature layouts), torchvision-layout ResNet-18/34/50 and MobileNet-style stacks.
 
-Every model maps NHWC images [B, H, W, Cin] (any size and channel count) to
+Every model maps NHWC images [B, H, W, Cin] (any channel count; any size down to 16x16
+for the pruning-literature VGGs, whose five stages halve it four times) to
 `(logits [B, num_classes], features)`, where `features` is a dict of named
 taps in forward order (`model.taps()`):
 
@@ -21,12 +23,14 @@ from collections.abc import Mapping
 
 import flax.linen as nn
 
-from kdjax.models import common, resnet, vgg, wrn
+from kdjax.models import common, imagenet_resnet, mobilenet, resnet, vgg, wrn
 
 _REGISTRY = {
     **{name: (resnet.CifarResNet, cfg) for name, cfg in resnet.CONFIGS.items()},
     **{name: (wrn.WideResNet, cfg) for name, cfg in wrn.CONFIGS.items()},
     **{name: (vgg.VGG, cfg) for name, cfg in vgg.CONFIGS.items()},
+    **{name: (imagenet_resnet.ResNet, cfg) for name, cfg in imagenet_resnet.CONFIGS.items()},
+    **{name: (mobilenet.MobileNet, cfg) for name, cfg in mobilenet.CONFIGS.items()},
 }
 
 # Named width variants of zoo models: name -> (base model, group widths).

@@ -37,16 +37,29 @@ def conv1x1(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
                    kernel_init=CONV_INIT, name=name)
 
 
+def depthwise3x3(channels: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+    """Bias-free depthwise 3x3 convolution, padding 1 (one filter per channel):
+    [B, H, W, channels] -> [B, ceil(H/s), ceil(W/s), channels]; kernel [3, 3, 1, channels]."""
+    return nn.Conv(channels, (3, 3), strides=(stride, stride),
+                   padding=((1, 1), (1, 1)), feature_group_count=channels,
+                   use_bias=False, kernel_init=CONV_INIT, name=name)
+
+
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
     """BatchNorm over the channel axis; batch statistics when `train`, running ones otherwise."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=1e-5, name=name)
 
 
+def dense(features: int, name: str) -> nn.Dense:
+    """Linear layer, PyTorch-style kernel init and a zero bias: [B, C] -> [B, features]."""
+    return nn.Dense(features, kernel_init=DENSE_INIT,
+                    bias_init=nn.initializers.zeros, name=name)
+
+
 def classifier(num_classes: int, name: str = "fc") -> nn.Dense:
     """Linear head: [B, C] -> [B, num_classes]."""
-    return nn.Dense(num_classes, kernel_init=DENSE_INIT,
-                    bias_init=nn.initializers.zeros, name=name)
+    return dense(num_classes, name)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
@@ -98,7 +111,8 @@ class ZooModel(nn.Module):
     """Shared interface of the zoo's networks (subclasses define the fields).
 
     Subclasses set the class constant ``TAPS`` (feature taps in forward order), a
-    ``widths`` field (sorted (group, channels) overrides) and ``unpruned_groups()``.
+    ``widths`` field (sorted (group, channels) overrides), ``unpruned_groups()`` and
+    ``segments()``; the masked, splittable ``__call__`` is shared.
     """
 
     TAPS = ()  # class constant (not annotated, so not a dataclass field)
@@ -114,6 +128,25 @@ class ZooModel(nn.Module):
     def taps(self) -> tuple[str, ...]:
         """Feature tap names in forward order."""
         return self.TAPS
+
+    def segments(self, groups: dict[str, int], masks: Mapping[str, jax.Array] | None,
+                 train: bool) -> tuple[Callable[[jax.Array], jax.Array], ...]:
+        """The forward pass as one callable per tap of ``TAPS`` (producing that tap from
+        the previous one), then one producing the logits (see `run_segments`). Called
+        inside ``__call__``, so the callables may create submodules."""
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None,
+                 train: bool = False, start: str | None = None,
+                 stop: str | None = None):
+        """Forward pass from `start` (None: image) to `stop` (None: logits).
+
+        Returns (logits [B, num_classes] or None if stopped at a tap, features).
+        """
+        groups = self.mask_groups()
+        check_masks(masks, groups)
+        return run_segments(self.TAPS, self.segments(groups, masks, train), x, start, stop)
 
 
 def resolve_widths(defaults: Mapping[str, int], overrides: Widths) -> dict[str, int]:

@@ -88,10 +88,18 @@ class BasicBlock(nn.Module):
         h = common.apply_mask(h, inner_mask)
         h = common.conv3x3(self.out_width, name="conv2")(h)
         h = common.batch_norm(train, "bn2")(h)
-        if self.projection:
-            x = common.conv1x1(self.out_width, self.stride, name="shortcut_conv")(x)
-            x = common.batch_norm(train, "shortcut_bn")(x)
-        return common.apply_mask(nn.relu(h + x), out_mask)
+        return residual_output(h, x, self.stride, self.projection, out_mask, train)
+
+
+def residual_output(h: jax.Array, x: jax.Array, stride: int, projection: bool,
+                    out_mask: jax.Array | None, train: bool) -> jax.Array:
+    """mask · ReLU(h + shortcut(x)) for a post-activation block whose main branch gave h
+    [B, H', W', C]; the shortcut is x itself, or conv1x1(C, stride)-BN ("shortcut_conv",
+    "shortcut_bn", created in the calling block) when `projection`."""
+    if projection:
+        x = common.conv1x1(h.shape[-1], stride, name="shortcut_conv")(x)
+        x = common.batch_norm(train, "shortcut_bn")(x)
+    return common.apply_mask(nn.relu(h + x), out_mask)
 
 
 class CifarResNet(common.ZooModel):
@@ -111,16 +119,9 @@ class CifarResNet(common.ZooModel):
     def unpruned_groups(self) -> dict[str, int]:
         return default_groups(self.blocks_per_stage, self.base_widths)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None,
-                 train: bool = False, start: str | None = None,
-                 stop: str | None = None):
-        """Forward pass from `start` (None: image) to `stop` (None: logits).
-
-        Returns (logits [B, num_classes] or None if stopped at a tap, features).
-        """
-        groups = self.mask_groups()
-        common.check_masks(masks, groups)
+    def segments(self, groups: dict[str, int], masks: Mapping[str, jax.Array] | None,
+                 train: bool) -> tuple:
+        """The forward pass split at the taps (see `common.ZooModel`)."""
 
         def stem(h):
             group = stem_group(self.base_widths)
@@ -146,4 +147,4 @@ class CifarResNet(common.ZooModel):
             return common.classifier(self.num_classes)(h)
 
         segments = (stem, stage(1), stage(2), stage(3), common.global_avg_pool, head)
-        return common.run_segments(TAPS, segments, x, start, stop)
+        return segments

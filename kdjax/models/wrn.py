@@ -86,16 +86,9 @@ class WideResNet(common.ZooModel):
     def unpruned_groups(self) -> dict[str, int]:
         return default_groups(self.blocks_per_stage, self.base_widths)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, masks: Mapping[str, jax.Array] | None = None,
-                 train: bool = False, start: str | None = None,
-                 stop: str | None = None):
-        """Forward pass from `start` (None: image) to `stop` (None: logits).
-
-        Returns (logits [B, num_classes] or None if stopped at a tap, features).
-        """
-        groups = self.mask_groups()
-        common.check_masks(masks, groups)
+    def segments(self, groups: dict[str, int], masks: Mapping[str, jax.Array] | None,
+                 train: bool) -> tuple:
+        """The forward pass split at the taps (see `common.ZooModel`)."""
         first_group = stem_group(self.base_widths)
 
         def stem(h):
@@ -128,4 +121,4 @@ class WideResNet(common.ZooModel):
             return common.classifier(self.num_classes)(h)
 
         segments = (stem, stage(1), stage(2), stage(3), embedding, head)
-        return common.run_segments(TAPS, segments, x, start, stop)
+        return segments
