@@ -7,6 +7,8 @@ For each teacher→student pair it measures, after warm-up, the median images/s 
 on random data, with the same compiled steps the trainer uses. Achieved GFLOP/s
 uses the analytic MAC count of kdjax.pruning.cost with the usual convention:
 forward = 2·MACs FLOPs per image, a train step = 3× forward (backward ≈ 2× forward).
+``--dtype bfloat16`` runs the models in bfloat16 (train.compute_dtype); on a CPU that is
+only a correctness check (XLA:CPU emulates bf16 convolutions, usually slower than fp32).
 Images/s per device and model FLOPs utilisation (MFU: achieved FLOP/s per device over
 the spec-sheet peak of the device kind for the dtype, kdjax.train.throughput) are shown
 on devices in that table; elsewhere (CPU) "unknown device: MFU not shown", and the
@@ -97,7 +99,7 @@ def jax_workloads(teacher_name, student_name, args, mesh) -> list[dict]:
     from kdjax import config_lib, models
     from kdjax.pipelines import common
     from kdjax.pruning.cost import model_cost
-    from kdjax.train import loop, optim, sharding
+    from kdjax.train import loop, optim, precision, sharding
     from kdjax.train.state import TrainState, make_train_step
 
     shape = tuple(args.image)
@@ -117,7 +119,8 @@ def jax_workloads(teacher_name, student_name, args, mesh) -> list[dict]:
         state = TrainState.create(common.init_variables(student, shape, 0), tx,
                                   jax.random.PRNGKey(2))  # fresh: the state is donated
         state = sharding.replicate(state, mesh)
-        step = loop.compile_train_step(make_train_step(student, tx, objective, teacher_model), mesh)
+        step = loop.compile_train_step(make_train_step(student, tx, objective, teacher_model,
+                                                       compute_dtype=args.dtype), mesh)
         holder = [state]
 
         def run():
@@ -126,7 +129,8 @@ def jax_workloads(teacher_name, student_name, args, mesh) -> list[dict]:
 
         return {"step": name, "run": run, "flops": flops_per_image}
 
-    infer = jax.jit(lambda v, x: teacher.apply(v, x, train=False)[0])
+    infer = jax.jit(lambda v, x: precision.apply(teacher, v, x, jnp.dtype(args.dtype),
+                                                 train=False)[0])
     return [
         train_row(f"{student_name} CE train step", common.supervised_objective, None, 6 * macs_s),
         train_row(f"KD {teacher_name} -> {student_name}", common.kd_objective(4.0, 0.1, 0.9),

@@ -116,10 +116,11 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
         log_every_steps=config.train.log_every_steps,
         eval_every_steps=config.train.eval_every_steps)
     teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
-    train_step = make_train_step(model, tx, objective, teacher=teacher_model)
+    dtype = config.train.compute_dtype
+    train_step = make_train_step(model, tx, objective, teacher=teacher_model, compute_dtype=dtype)
     state, results = loop.fit(
         stage, mesh=ctx.mesh, state=state, train_step=train_step,
-        eval_step=make_eval_step(model), train_iter=train_iter,
+        eval_step=make_eval_step(model, dtype), train_iter=train_iter,
         eval_data=loop.EvalData(ctx.splits.validation, ctx.splits.test, config.data),
         spec=spec, config_dict=config.to_dict(), teacher_variables=teacher_variables,
         on_log=on_log)

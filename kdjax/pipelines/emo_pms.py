@@ -603,7 +603,8 @@ def scheme(net: Network, masks: dict, small_model, input_shape) -> dict:
 def evaluate_model(ctx, model, variables) -> dict:
     """{'validation', 'test'}: top-1 / loss of a model (the trainer's sharded evaluation,
     compiled once for both splits)."""
-    step = loop.compile_eval_step(make_eval_step(model), ctx.mesh)
+    step = loop.compile_eval_step(make_eval_step(model, ctx.config.train.compute_dtype),
+                                  ctx.mesh)
     return {split: loop.evaluate(step, variables, source, ctx.config.data,
                                  ctx.config.train.eval_batch_size, ctx.mesh)
             for split, source in (("validation", ctx.splits.validation),
