@@ -93,6 +93,7 @@ def train_settings():
         max_steps=0,            # >0 caps every stage (smoke tests)
         compute_dtype="float32",  # "float32" | "bfloat16" (activations/convs; params,
                                   # optimizer state, BN statistics and losses stay float32)
+        allow_config_change=False,  # True: resume although training keys changed (BUILD_NOTES)
     ))
 
 
