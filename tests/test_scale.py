@@ -172,14 +172,28 @@ def run_on_mock_imagenet(config, workdir):
         return kdjax_main.PIPELINES[config.pipeline](config, workdir)
 
 
-def test_dynamic_kd_imagenet_preset_first_steps(tmp_path):
+def test_dynamic_kd_imagenet_preset_first_steps(tmp_path, caplog):
     config = imagenet_smoke("dynamic_kd", models={"teacher.name": "resnet8",
                                                   "student.name": "resnet8"})
     assert config.data.source == "tfds_stream" and config.data.augment == "inception_crop"
-    run_on_mock_imagenet(config, tmp_path)
+    with caplog.at_level("INFO", logger="kdjax"):
+        run_on_mock_imagenet(config, tmp_path)
     for stage in ("teacher", "dynamic_kd"):
         saved = json.loads((tmp_path / stage / "results.json").read_text())
         assert saved["steps"] == 2
+    # The progress line carries images/s per device and the MFU note (CPU: no peak).
+    progress = [r.getMessage() for r in caplog.records if "step 2/2" in r.getMessage()]
+    assert progress and all(f"img/s/device {throughput.UNKNOWN_DEVICE}" in line
+                            for line in progress), progress
+
+
+def test_progress_line_shows_throughput():
+    from kdjax.train import metrics
+
+    line = metrics.progress_line("kd", 10, 100, 0.5, {"loss": 1.0}, 2500.0, 90.0,
+                                 throughput.describe(2500.0, 8, 18e9, 275e12))
+    assert line == ("[kd] step 10/100 epoch 0.50 loss 1 2500 img/s "
+                    "(312 img/s/device MFU 2.0%) ETA 1m30s")
 
 
 @pytest.mark.slow

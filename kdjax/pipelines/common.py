@@ -77,6 +77,18 @@ def kd_objective(temperature: float, ce_weight: float, kd_weight: float):
     return objective
 
 
+def train_flops_per_image(ctx: Context, model_name: str, widths, teacher_model) -> int:
+    """Model FLOPs of one training image for MFU: 3 × the student's forward + the
+    teacher's forward (analytic MACs of kdjax.pruning.cost, 2 FLOPs each)."""
+    from kdjax.pruning.cost import model_cost
+    from kdjax.train import throughput
+
+    student = models.get_model(model_name, ctx.num_classes, widths)
+    teacher_macs = 0 if teacher_model is None else model_cost(teacher_model, ctx.input_shape)["macs"]
+    return throughput.train_flops_per_image(model_cost(student, ctx.input_shape)["macs"],
+                                            teacher_macs)
+
+
 def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
               teacher=None, widths=None, tx_extra=None, on_log=None, model=None,
               initial_variables=None) -> tuple[dict, dict]:
@@ -110,14 +122,16 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
     train_iter = data_pipeline.make_train_iterator(
         ctx.splits.train, config.data, global_batch_size=batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
+    teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
+    dtype = config.train.compute_dtype
     stage = loop.Stage(
         name=name, dir=ctx.workdir / name, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, global_batch_size=batch_size,
         eval_batch_size=config.train.eval_batch_size,
         log_every_steps=config.train.log_every_steps,
-        eval_every_steps=config.train.eval_every_steps)
-    teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
-    dtype = config.train.compute_dtype
+        eval_every_steps=config.train.eval_every_steps,
+        flops_per_image=train_flops_per_image(ctx, model_name, widths, teacher_model),
+        compute_dtype=dtype)
     train_step = make_train_step(model, tx, objective, teacher=teacher_model, compute_dtype=dtype)
     state, results = loop.fit(
         stage, mesh=ctx.mesh, state=state, train_step=train_step,
