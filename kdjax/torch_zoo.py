@@ -31,7 +31,21 @@ from kdjax.models import vgg as jax_vgg
 REPDISTILLER_VGGS = tuple(n for n, c in jax_vgg.CONFIGS.items() if set(c) == {"stage_widths"})
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """Shared shortcut of the residual blocks: identity or ``downsample`` = conv1x1-BN."""
+
+    def _set_shortcut(self, in_width: int, out_width: int, stride: int, projection: bool):
+        self.downsample = None
+        if projection:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_width, out_width, 1, stride, bias=False), nn.BatchNorm2d(out_width))
+
+    def _output(self, h, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(h + shortcut)
+
+
+class BasicBlock(_ResidualBlock):
     """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU (NCHW)."""
 
     def __init__(self, in_width: int, out_width: int, stride: int, projection: bool):
@@ -40,16 +54,11 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_width)
         self.conv2 = nn.Conv2d(out_width, out_width, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_width)
-        self.downsample = None
-        if projection:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_width, out_width, 1, stride, bias=False), nn.BatchNorm2d(out_width))
+        self._set_shortcut(in_width, out_width, stride, projection)
 
     def forward(self, x):
         h = torch.relu(self.bn1(self.conv1(x)))
-        h = self.bn2(self.conv2(h))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return torch.relu(h + shortcut)
+        return self._output(self.bn2(self.conv2(h)), x)
 
 
 class CifarResNet(nn.Module):
@@ -76,7 +85,7 @@ class CifarResNet(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1(4w)-BN + shortcut, ReLU (NCHW)."""
 
     def __init__(self, in_width: int, width: int, out_width: int, stride: int,
@@ -88,17 +97,12 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_width, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_width)
-        self.downsample = None
-        if projection:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_width, out_width, 1, stride, bias=False), nn.BatchNorm2d(out_width))
+        self._set_shortcut(in_width, out_width, stride, projection)
 
     def forward(self, x):
         h = torch.relu(self.bn1(self.conv1(x)))
         h = torch.relu(self.bn2(self.conv2(h)))
-        h = self.bn3(self.conv3(h))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return torch.relu(h + shortcut)
+        return self._output(self.bn3(self.conv3(h)), x)
 
 
 class TorchvisionResNet(nn.Module):
