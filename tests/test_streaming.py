@@ -198,7 +198,7 @@ def test_train_preprocess_resamples_its_box():
 
 def test_bad_stream_config_names_choices(mock_imagenet):
   with pytest.raises(ValueError, match="inception_crop"):
-    data.load_splits(stream_cfg(augment="crop_flip"), seed=0)
+    data.load_splits(stream_cfg(augment="mixup"), seed=0)
   with pytest.raises(ValueError, match="image_size"):
     data.load_splits(stream_cfg(image_size=0), seed=0)
   with pytest.raises(ValueError, match="tfds_stream"):
@@ -228,3 +228,23 @@ def test_worker_processes_give_the_same_batches():
       source, cfg, global_batch_size=4, seed=1), 4)
   for a, b in zip(in_process, workers):
     np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_crop_flip_streams_stored_size_images():
+  rng = np.random.default_rng(3)
+  stored = [rng.integers(1, 256, (8, 8, 3), np.uint8) for _ in range(8)]
+  source = streaming.StreamingSource([{"image": im, "label": i}
+                                      for i, im in enumerate(stored)])
+  cfg = stream_cfg(augment="crop_flip", image_size=8, crop_padding=2,
+                   mean=(0.0,) * 3, std=(1 / 255,) * 3)  # normalise = identity
+  batch = streaming.StreamTrainBatch(source, cfg, 8, 0, 0, 1)(0)
+  for image, label in zip(batch["image"], batch["label"]):
+    padded = np.pad(stored[label], ((2, 2), (2, 2), (0, 0))).astype(np.float32)
+    windows = [w for dy in range(5) for dx in range(5)
+               for w in (padded[dy:dy + 8, dx:dx + 8], padded[dy:dy + 8, dx:dx + 8][:, ::-1])]
+    assert any(np.allclose(image, w, atol=1e-3) for w in windows)
+  evaluated = next(iter(pipeline.eval_batches(source, cfg, global_batch_size=8)))
+  np.testing.assert_allclose(evaluated["image"], np.stack(stored), atol=1e-3)
+  wrong = streaming.StreamingSource([{"image": stored[0][:6], "label": 0}])
+  with pytest.raises(ValueError, match="inception_crop"):
+    streaming.StreamEvalBatch(wrong, cfg, 1, 0, 1)(0)

@@ -20,6 +20,10 @@ Preprocessing (images of any size become ``image_size`` squares):
     horizontal flip with probability 1/2;
   evaluation (and training with ``augment="none"``): resize the shorter side
     to ``round(image_size / 0.875)``, then take the centred image_size square.
+  ``augment="crop_flip"``, for datasets stored at their training size (e.g. 64×64
+    downsampled ImageNet): images must be image_size squares; training pads by
+    ``crop_padding``, crops at a random offset and flips (the CIFAR protocol),
+    evaluation uses them as stored.
 Both resize bilinearly (Pillow) and normalise with ``data.mean``/``data.std``.
 """
 
@@ -32,7 +36,7 @@ from PIL import Image
 
 from kdjax.data import pipeline
 
-VALID_STREAM_AUGMENTATIONS = ("none", "inception_crop")
+VALID_STREAM_AUGMENTATIONS = ("none", "inception_crop", "crop_flip")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.875
@@ -183,8 +187,21 @@ class _StreamReader:
     self.local = pipeline.local_batch_size(global_batch_size, process_count)
     self.start = process_index * self.local
     self.image_size = int(data_cfg.image_size)
+    self.augment = data_cfg.augment
+    self.padding = int(data_cfg.crop_padding)
     self.mean = tuple(data_cfg.mean)
     self.std = tuple(data_cfg.std)
+
+  def _eval_image(self, image: np.ndarray) -> np.ndarray:
+    """Evaluation preprocessing; with "crop_flip" the stored image, checked."""
+    if self.augment != "crop_flip":
+      return eval_preprocess(image, self.image_size)
+    if image.shape[:2] != (self.image_size, self.image_size):
+      raise ValueError(
+          f"data.augment='crop_flip' streams images stored at data.image_size "
+          f"({self.image_size}x{self.image_size}), got {image.shape[0]}x"
+          f"{image.shape[1]}; use 'inception_crop' for images of other sizes")
+    return image
 
   def _batch(self, images: list, labels: list) -> dict:
     return {"image": pipeline.normalize(np.stack(images), self.mean, self.std),
@@ -200,7 +217,6 @@ class StreamTrainBatch(_StreamReader):
                      process_count)
     self.steps = pipeline.steps_per_epoch(len(source), global_batch_size)
     self.seed = seed
-    self.augment = data_cfg.augment
     self._cache = (None, None)
 
   def _permutation(self, epoch: int) -> np.ndarray:
@@ -217,13 +233,20 @@ class StreamTrainBatch(_StreamReader):
     images, labels = [], []
     for position in range(first, first + self.local):
       item = self.source[perm[position]]
-      if self.augment == "inception_crop":
-        rng = example_rng(self.seed, epoch, position)
-        images.append(train_preprocess(item["image"], self.image_size, rng))
-      else:
-        images.append(eval_preprocess(item["image"], self.image_size))
+      rng = example_rng(self.seed, epoch, position)
+      images.append(self._train_image(item["image"], rng))
       labels.append(item["label"])
     return self._batch(images, labels)
+
+  def _train_image(self, image: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+    if self.augment == "inception_crop":
+      return train_preprocess(image, self.image_size, rng)
+    image = self._eval_image(image)
+    if self.augment == "crop_flip":
+      offsets, flips = pipeline.crop_flip_params(rng, 1, self.padding)
+      image = pipeline.crop_flip(image[None], offsets, flips, self.padding)[0]
+    return image
 
 
 class StreamEvalBatch(_StreamReader):
@@ -236,7 +259,7 @@ class StreamEvalBatch(_StreamReader):
     images, labels = [], []
     for i in np.minimum(positions, n - 1):
       item = self.source[i]
-      images.append(eval_preprocess(item["image"], self.image_size))
+      images.append(self._eval_image(item["image"]))
       labels.append(item["label"])
     batch = self._batch(images, labels)
     batch["mask"] = (positions < n).astype(np.float32)
