@@ -35,7 +35,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   test_split: the TFDS split reported as test ("validation" for imagenet2012).
   augment: "none" | "crop_flip" (zero-pad by crop_padding, random crop, random
     horizontal flip); with tfds_stream "none" | "inception_crop" (random
-    resized crop + flip).
+    resized crop + flip) | "crop_flip" (images stored at image_size).
   image_size: tfds_stream only: the square side every image is cropped and
     resized to (0 = unset, required > 0 there).
   mean, std: per-channel normalisation (x/255 - mean)/std, one value a channel.
