@@ -269,3 +269,22 @@ def test_short_bf16_run_trains():
         history.append(float(metrics["loss"]))
     assert np.all(np.isfinite(history))
     assert np.mean(history[-3:]) < 0.7 * np.mean(history[:3]), history
+
+
+@pytest.mark.parametrize("name, preset, models_used", [
+    ("dynamic_kd", "imagenet", {"resnet34", "resnet18"}),
+    ("emo_pms", "imagenet", {"resnet50"}),
+])
+def test_imagenet_presets_name_the_published_recipe(name, preset, models_used):
+    from kdjax import main as kdjax_main
+    from test_train import load_config
+
+    config = load_config(name, preset)
+    kdjax_main.validate(config)  # every model name exists in the zoo
+    assert {m for _, m in kdjax_main.model_name_keys(config)} == models_used
+    assert config.data.source == "tfds_stream" and config.data.image_size == 224
+    assert config.data.name == "imagenet2012" and config.data.test_split == "validation"
+    if name == "dynamic_kd":
+        o = config.optim
+        assert (o.epochs, o.batch_size, o.lr, tuple(o.milestones), o.weight_decay) == (
+            100, 256, 0.1, (30, 60, 90), 1e-4)
