@@ -228,6 +228,14 @@ def test_worker_processes_give_the_same_batches():
       source, cfg, global_batch_size=4, seed=1), 4)
   for a, b in zip(in_process, workers):
     np.testing.assert_array_equal(a["image"], b["image"])
+  # Evaluation: decoded by the workers, same batches in the same order.
+  eval_workers = list(pipeline.eval_batches(source, cfg, global_batch_size=5))
+  cfg.num_workers = 0
+  eval_in_process = list(pipeline.eval_batches(source, cfg, global_batch_size=5))
+  assert len(eval_workers) == len(eval_in_process) == 3
+  for a, b in zip(eval_workers, eval_in_process):
+    for key in ("image", "label", "mask"):
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_crop_flip_streams_stored_size_images():

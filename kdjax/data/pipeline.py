@@ -172,16 +172,22 @@ def make_train_iterator(source, data_cfg, *, global_batch_size: int, seed: int,
   batch_fn = batch_cls(source, data_cfg, global_batch_size, seed,
                        process_index, process_count)
   dataset = grain.MapDataset.range(sys.maxsize).map(batch_fn)
+  return iter(_prefetched(dataset, data_cfg.num_workers))
+
+
+def _prefetched(dataset, num_workers: int):
+  """``dataset`` as an IterDataset, built in ``num_workers`` grain worker
+  processes when > 0 (order kept)."""
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
-  if data_cfg.num_workers > 0:
+  if num_workers > 0:
     # grain's worker processes read absl flags; outside an absl app use their
     # defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)))
-  return iter(iter_dataset)
+        grain.MultiprocessingOptions(num_workers=int(num_workers)))
+  return iter_dataset
 
 
 class _EvalBatch(_SplitReader):
@@ -205,7 +211,8 @@ def eval_batches(source, data_cfg, *, global_batch_size: int,
   Each element is {"image": float32 [B,H,W,C], "label": int32 [B],
   "mask": float32 [B]} with B = global_batch_size // process_count; the last
   global batch is padded (mask 0) so every batch has the same shape. All
-  processes see the same number of batches.
+  processes see the same number of batches. A streaming source is decoded in
+  ``data_cfg.num_workers`` grain worker processes (then an iterable, in order).
   """
   if len(source) == 0:
     raise ValueError("eval_batches needs a non-empty source")
@@ -213,4 +220,7 @@ def eval_batches(source, data_cfg, *, global_batch_size: int,
   batch_cls = _builders(source)[1]
   batch_fn = batch_cls(source, data_cfg, global_batch_size, process_index,
                        process_count)
-  return grain.MapDataset.range(num_batches).map(batch_fn)
+  dataset = grain.MapDataset.range(num_batches).map(batch_fn)
+  if getattr(source, "streaming", False) and data_cfg.num_workers > 0:
+    return _prefetched(dataset, data_cfg.num_workers)
+  return dataset
