@@ -7,11 +7,15 @@ Paper setting (CIFAR-100 resnet32x4 → resnet8x4, RepDistiller recipe: 240 epoc
 batch 64, lr 0.05 ×0.1 at 150/180/210, T = 4, γ = 0.1, α = 0.9; needs a prepared TFDS
 dataset, see README), on a TPU/GPU:
     python -m kdjax.main --config=configs/dynamic_kd.py --workdir=/tmp/dkd
-Presets with the same recipe: ``:resnet56_resnet20``, ``:vgg13_vgg8``. Options:
+Presets with the same recipe: ``:resnet56_resnet20``, ``:vgg13_vgg8``. Data and
+selection: all 50,000 training images (``data.validation_size = 0``), the reported student is
+the LAST epoch's (best-epoch test figure logged beside it), the teacher per ``teacher.select``
+(default "last"); ``--config.data.validation_size=5000`` carves a validation split back.
+Options:
     --config.teacher.checkpoint=/tmp/sup/model     reuse a trained teacher
     --config.dynamic_kd.baselines=True             also student-from-scratch and vanilla KD
     --config.dynamic_kd.controller.kind=per_class  one c per class
-    --config.dynamic_kd.controller.mode=entropy_feedback   the ablation
+    --config.dynamic_kd.controller.mode=entropy_feedback   the ablation (scalar c only)
 
 ImageNet ResNet-34 → ResNet-18 (``:imagenet``; the standard 100-epoch KD recipe: batch
 256, lr 0.1 ×0.1 at 30/60/90, weight decay 1e-4; T, γ, α as above; streamed from a prepared
@@ -56,7 +60,7 @@ def dynamic_kd_section(baselines: bool) -> ml_collections.ConfigDict:
             init=1.0,                 # c = 1: the loss starts as vanilla KD
             lr=0.01,                  # gradient step on θ = log c (see above)
             clip=(0.1, 10.0),         # c is clipped to this range
-            mode="gradient",          # "gradient" | "entropy_feedback" (ablation)
+            mode="gradient",          # "gradient" | "entropy_feedback" (ablation, scalar only)
             feedback_rate=0.01,       # η of c ← c·exp(η·(H(q_c) − H(p_t)))
             warmup_epochs=0.0,        # c frozen at init for this many epochs
         )),
@@ -68,6 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg in PAIRS:
         teacher, student = PAIRS[arg]
         config.data = config_lib.cifar_data("cifar100")
+        config.data.validation_size = 0  # the paper trains on all 50k; selection = last epoch
         config.optim = config_lib.optim()
         config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.optim())
         config.dynamic_kd = dynamic_kd_section(baselines=False)

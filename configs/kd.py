@@ -5,6 +5,11 @@ Paper recipe (RepDistiller protocol, CIFAR-100, resnet32x4 → resnet8x4, 240 ep
 batch 64, lr 0.05 ×0.1 at 150/180/210; needs a prepared TFDS dataset, see README):
     python -m kdjax.main --config=configs/kd.py --workdir=/tmp/kd
 Presets with the same recipe: ``:resnet56_resnet20``, ``:vgg13_vgg8``.
+Data and selection in the paper presets: all 50,000 training images (``data.validation_size
+= 0``), the reported student is the LAST epoch's (as the RepDistiller tables; the best-epoch
+test figure is logged beside it); the teacher is selected by ``teacher.select`` (default
+"last"). To carve a validation split back (then ``best/`` = best on validation):
+    --config.data.validation_size=5000
 With a teacher you already have:
     python -m kdjax.main --config=configs/kd.py --workdir=/tmp/kd \
         --config.teacher.checkpoint=/tmp/sup/model
@@ -33,6 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg in PAIRS:
         teacher, student = PAIRS[arg]
         config.data = config_lib.cifar_data("cifar100")
+        config.data.validation_size = 0  # the paper trains on all 50k; selection = last epoch
         config.optim = config_lib.optim()
         config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.optim())
     elif arg == "demo":

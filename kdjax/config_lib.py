@@ -97,10 +97,16 @@ def train_settings():
     ))
 
 
-def teacher(name, checkpoint="", optim_cfg=None):
-    """Teacher section: a checkpoint to load, or a model trained first under workdir/teacher."""
+def teacher(name, checkpoint="", optim_cfg=None, select="last"):
+    """Teacher section: a checkpoint to load, or a model trained first under workdir/teacher.
+
+    select: which checkpoint of a teacher stage is the teacher, on every path (loaded by
+    ``checkpoint``, trained in this run, reused from workdir/teacher): "last" (default —
+    the published teachers are last-epoch weights, and it exists without a validation
+    split) or "best" (best validation top-1; the last epoch when there is no validation).
+    """
     return ml_collections.ConfigDict(dict(
-        name=name, checkpoint=checkpoint, optim=optim_cfg or optim()))
+        name=name, checkpoint=checkpoint, select=select, optim=optim_cfg or optim()))
 
 
 def base(pipeline: str) -> ml_collections.ConfigDict:

@@ -117,7 +117,10 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
         import optax
 
         tx = optax.chain(tx, tx_extra)
-    variables = initial_variables or init_variables(model, ctx.input_shape, config.seed)
+    # A copy: the stage donates its state, and the caller's arrays may share buffers with
+    # arrays still in use (e.g. the unpruned teacher's, for leaves compaction kept as is).
+    variables = (jax.tree.map(jnp.array, initial_variables) if initial_variables
+                 else init_variables(model, ctx.input_shape, config.seed))
     state = TrainState.create(variables, tx, jax.random.PRNGKey(config.seed + 1))
     train_iter = data_pipeline.make_train_iterator(
         ctx.splits.train, config.data, global_batch_size=batch_size, seed=config.seed,
@@ -144,24 +147,76 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
     return state.variables, results
 
 
+def evaluate_model(ctx: Context, model, variables) -> dict:
+    """{'validation', 'test'}: top-1 / top-5 / loss of a model on each held-out split (the
+    trainer's sharded evaluation, compiled once); 'validation' is None without one."""
+    step = loop.compile_eval_step(make_eval_step(model, ctx.config.train.compute_dtype),
+                                  ctx.mesh)
+    return {split: None if source is None else loop.evaluate(
+                step, variables, source, ctx.config.data, ctx.config.train.eval_batch_size,
+                ctx.mesh)
+            for split, source in (("validation", ctx.splits.validation),
+                                  ("test", ctx.splits.test))}
+
+
+# teacher.select -> the checkpoint directory of a stage that holds the teacher.
+TEACHER_SELECT = {"last": ckpt_lib.LAST_DIR, "best": ckpt_lib.BEST_DIR}
+
+
+def load_teacher(path, select: str) -> tuple[dict, dict, dict]:
+    """``(model spec, variables, info)`` of the ``select`` checkpoint ("last" | "best") of
+    a kdjax checkpoint ``path`` — the one rule every teacher path goes through.
+
+    A training stage (it has ``checkpoints/``) must hold the selected checkpoint (no
+    fallback to the other one); a directory with a single imported checkpoint (e.g.
+    ``best/0`` written by kdjax.convert_torch), a manager or a step directory is read as
+    is. info = {'checkpoint', 'select', 'read' (the directory read), 'step', 'data_seed',
+    'data'}: the seed and data settings the teacher was trained with come from the
+    checkpoint's recorded config (None when it records none).
+    """
+    if select not in TEACHER_SELECT:
+        raise ValueError(f"teacher.select={select!r}; valid: {', '.join(TEACHER_SELECT)}")
+    path = pathlib.Path(path)
+    wanted = TEACHER_SELECT[select]
+    if (path / ckpt_lib.LAST_DIR).is_dir() and not (path / wanted).is_dir():
+        raise ckpt_lib.CheckpointError(
+            f"teacher.select={select!r} but the stage {path} has no {wanted}/ checkpoint; "
+            f"use --config.teacher.select with one of the checkpoints it has")
+    directory, step = ckpt_lib.find_checkpoint(path, prefer=wanted)
+    meta, _ = ckpt_lib.load_meta(path, prefer=wanted)
+    spec, variables = ckpt_lib.load_variables(path, prefer=wanted)
+    recorded = meta.get("config", {})
+    data = recorded.get("data", {})
+    info = {"checkpoint": str(path), "select": select, "read": str(directory), "step": step,
+            "data_seed": recorded.get("seed"),
+            "data": {k: data.get(k) for k in ("name", "source", "validation_size",
+                                              "train_size")}}
+    return spec, variables, info
+
+
 def obtain_teacher(ctx: Context) -> tuple[Any, dict, dict]:
     """The teacher as (model, variables, results).
 
     From ``config.teacher.checkpoint`` when set (its model spec must match the data:
     same classes and input shape), else trained with ``config.teacher.optim`` under
-    ``workdir/teacher`` — reused as is when that stage has already finished.
+    ``workdir/teacher`` — resumed, or reused as is when that stage has already finished.
+    Either way the variables are read back from the stage's ``config.teacher.select``
+    checkpoint (load_teacher), so one teacher directory gives one teacher to every run.
     """
     teacher_cfg = ctx.config.teacher
-    if teacher_cfg.checkpoint:
-        spec, variables = ckpt_lib.load_variables(teacher_cfg.checkpoint)
-        expected = {"num_classes": ctx.num_classes, "input_shape": list(ctx.input_shape)}
-        ckpt_lib.check_compatible(spec, expected, teacher_cfg.checkpoint)
-        model = models.get_model(spec["name"], spec["num_classes"], spec["widths"] or None)
-        log.info("teacher %s loaded from %s", spec["name"], teacher_cfg.checkpoint)
-        return model, variables, {"model": spec["name"], "checkpoint": teacher_cfg.checkpoint}
-    variables, results = run_stage(ctx, "teacher", teacher_cfg.name, teacher_cfg.optim,
-                                   supervised_objective)
-    return models.get_model(teacher_cfg.name, ctx.num_classes), variables, results
+    results = {}
+    path = teacher_cfg.checkpoint
+    if not path:
+        _, results = run_stage(ctx, "teacher", teacher_cfg.name, teacher_cfg.optim,
+                               supervised_objective)
+        path = ctx.workdir / "teacher"
+    spec, variables, info = load_teacher(path, teacher_cfg.select)
+    expected = {"num_classes": ctx.num_classes, "input_shape": list(ctx.input_shape)}
+    ckpt_lib.check_compatible(spec, expected, str(path))
+    model = models.get_model(spec["name"], spec["num_classes"], spec["widths"] or None)
+    log.info("teacher %s (teacher.select=%s): %s, step %d", spec["name"], info["select"],
+             info["read"], info["step"])
+    return model, variables, {**results, "model": spec["name"], **info}
 
 
 def check_pair(teacher_model, student_model, ctx: Context) -> None:

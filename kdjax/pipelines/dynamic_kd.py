@@ -76,6 +76,13 @@ def controller_transform(controller_cfg, num_classes: int, steps_per_epoch: int)
     if c.kind not in KINDS:
         raise ValueError(f"dynamic_kd.controller.kind={c.kind!r} is not implemented; valid: "
                          f"{', '.join(KINDS)} (no per-sample head: docs/dynamic_kd.md)")
+    if c.kind == "per_class" and c.mode == "entropy_feedback":
+        raise ValueError(
+            "dynamic_kd.controller.kind='per_class' with mode='entropy_feedback' is not "
+            "supported: the objective measures batch-mean entropies H(q_c), H(p_t), which "
+            "would move every class's c by the same factor (a scalar controller in "
+            "disguise); valid: kind='scalar' with mode='entropy_feedback', or "
+            "kind='per_class' with mode='gradient'")
     return controllers.entropy_controller(
         learning_rate=c.lr, init=c.init, clip=tuple(c.clip), kind=c.kind,
         num_classes=num_classes if c.kind == "per_class" else None, mode=c.mode,
