@@ -229,16 +229,18 @@ def test_bf16_step_matches_float32_loss_and_keeps_float32_state():
     import jax
     import jax.numpy as jnp
 
-    from kdjax.pipelines import common
+    from kdjax import config_lib, distill
     from kdjax.train.state import TrainState, make_train_step
 
     model, variables, tx, batch = _bf16_setup()
     teacher_vars = model.init(jax.random.PRNGKey(5), batch["image"][:1])
+    method = distill.make_method(config_lib.distill("kd"), student_taps=model.taps(),
+                                 teacher_taps=model.taps())
+    kd = distill.objective(method, method.default_ce_weight)  # 0.1·CE + 0.9·T²·KL, T = 4
     losses_by_dtype = {}
     for dtype in ("float32", "bfloat16"):
         state = TrainState.create(variables, tx, jax.random.PRNGKey(1))
-        step = jax.jit(make_train_step(model, tx, common.kd_objective(4.0, 0.1, 0.9),
-                                       teacher=model, compute_dtype=dtype))
+        step = jax.jit(make_train_step(model, tx, kd, teacher=model, compute_dtype=dtype))
         new_state, metrics = step(state, batch, teacher_vars)
         losses_by_dtype[dtype] = float(metrics["loss"])
         # Parameters, optimizer state and BN statistics stay float32.
