@@ -193,18 +193,23 @@ def _prefetched(dataset, num_workers: int):
   return iter_dataset
 
 
+def eval_slice(b: int, reader, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Eval batch ``b``'s slice for ``reader`` (global_batch_size, start, local)
+  over a split of ``n``: example indices int [B] (padding repeats the last one)
+  and mask float32 [B] (0 on padding)."""
+  first = b * reader.global_batch_size + reader.start
+  positions = np.arange(first, first + reader.local)
+  return np.minimum(positions, n - 1), (positions < n).astype(np.float32)
+
+
 class _EvalBatch(_SplitReader):
   """Batch number -> this process's slice of the in-order, padded eval batch."""
 
   def __call__(self, b: int) -> dict:
-    n = len(self.labels)
-    first = b * self.global_batch_size + self.start
-    positions = np.arange(first, first + self.local)
-    real = positions < n
-    idx = np.minimum(positions, n - 1)
+    idx, mask = eval_slice(b, self, len(self.labels))
     return {"image": normalize(self.images[idx], self.mean, self.std),
             "label": self.labels[idx],
-            "mask": real.astype(np.float32)}
+            "mask": mask}
 
 
 def eval_batches(source, data_cfg, *, global_batch_size: int,

@@ -253,16 +253,14 @@ class StreamEvalBatch(_StreamReader):
   """Batch number -> this process's slice of the in-order, padded eval batch."""
 
   def __call__(self, b: int) -> dict:
-    n = len(self.source)
-    first = b * self.global_batch_size + self.start
-    positions = np.arange(first, first + self.local)
+    idx, mask = pipeline.eval_slice(b, self, len(self.source))
     images, labels = [], []
-    for i in np.minimum(positions, n - 1):
+    for i in idx:
       item = self.source[i]
       images.append(self._eval_image(item["image"]))
       labels.append(item["label"])
     batch = self._batch(images, labels)
-    batch["mask"] = (positions < n).astype(np.float32)
+    batch["mask"] = mask
     return batch
 
 
