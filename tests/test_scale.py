@@ -277,6 +277,7 @@ def test_short_bf16_run_trains():
     ("dynamic_kd", "imagenet", {"resnet34", "resnet18"}),
     ("emo_pms", "imagenet", {"resnet50"}),
     ("cascaded", "resnet50_imagenet", {"resnet50"}),
+    ("cross_layer", "imagenet64_mobilenet", {"mobilenet9"}),  # teachers: own section
 ])
 def test_imagenet_presets_name_the_published_recipe(name, preset, models_used):
     from kdjax import main as kdjax_main
@@ -287,8 +288,12 @@ def test_imagenet_presets_name_the_published_recipe(name, preset, models_used):
     config = load_config(name, preset)
     named = {m for _, m in kdjax_main.model_name_keys(config)}
     assert named == models_used and named <= set(models.MODEL_NAMES)
-    assert config.data.source == "tfds_stream" and config.data.image_size == 224
-    assert config.data.name == "imagenet2012" and config.data.test_split == "validation"
+    assert config.data.source == "tfds_stream" and config.data.test_split == "validation"
+    if name == "cross_layer":  # 64x64 downsampled ImageNet, stored at its training size
+        assert (config.data.name, config.data.image_size, config.data.augment) == (
+            "imagenet_resized/64x64", 64, "crop_flip")
+    else:
+        assert (config.data.name, config.data.image_size) == ("imagenet2012", 224)
     if name == "dynamic_kd":
         o = config.optim
         assert (o.epochs, o.batch_size, o.lr, tuple(o.milestones), o.weight_decay) == (
