@@ -81,7 +81,10 @@ def train_flops_per_image(ctx: Context, model_name: str, widths, teacher_model) 
     from kdjax.train import throughput
 
     student = models.get_model(model_name, ctx.num_classes, widths)
-    teacher_macs = 0 if teacher_model is None else model_cost(teacher_model, ctx.input_shape)["macs"]
+    # An ensemble teacher (kdjax.distill.ensemble) costs the sum of its members.
+    teachers = () if teacher_model is None else getattr(teacher_model, "members",
+                                                        (teacher_model,))
+    teacher_macs = sum(model_cost(t, ctx.input_shape)["macs"] for t in teachers)
     return throughput.train_flops_per_image(model_cost(student, ctx.input_shape)["macs"],
                                             teacher_macs)
 

@@ -31,16 +31,23 @@ def cast_floating(tree, dtype):
         tree)
 
 
+def _cast_params(variables, dtype):
+    """Variables with every collection but ``batch_stats`` cast; a tuple/list of variable
+    dicts (a teacher ensemble's members) is cast member by member."""
+    if isinstance(variables, (tuple, list)):
+        return type(variables)(_cast_params(v, dtype) for v in variables)
+    return {k: v if k == "batch_stats" else cast_floating(v, dtype)
+            for k, v in variables.items()}
+
+
 def apply(model, variables: dict, images: jax.Array, dtype, **kwargs):
     """``model.apply(variables, images, **kwargs)`` computed in ``dtype``.
 
-    Floating parameters and ``images`` are cast to ``dtype``; other collections
-    (``batch_stats``) are passed as they are. Floating outputs come back float32;
+    Floating parameters and ``images`` are cast to ``dtype``; ``batch_stats`` is passed
+    as it is. Floating outputs come back float32;
     with ``mutable=...`` the collection updates are returned untouched (float32).
     """
-    cast = dict(variables)
-    cast["params"] = cast_floating(variables["params"], dtype)
-    out = model.apply(cast, images.astype(dtype), **kwargs)
+    out = model.apply(_cast_params(variables, dtype), images.astype(dtype), **kwargs)
     if kwargs.get("mutable"):
         out, updates = out
         return cast_floating(out, jnp.float32), updates
