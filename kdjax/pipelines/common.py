@@ -74,6 +74,21 @@ def output_shapes(model, variables, input_shape, batch_size: int):
                           variables, dummy)
 
 
+def train_flops_per_image(ctx: Context, model_name: str, widths, teacher_model) -> int:
+    """Model FLOPs of one training image for MFU: 3 × the student's forward + the
+    teacher's forward (analytic MACs of kdjax.pruning.cost, 2 FLOPs each)."""
+    from kdjax.pruning.cost import model_cost
+    from kdjax.train import throughput
+
+    student = models.get_model(model_name, ctx.num_classes, widths)
+    # An ensemble teacher (kdjax.distill.ensemble) costs the sum of its members.
+    teachers = () if teacher_model is None else getattr(teacher_model, "members",
+                                                        (teacher_model,))
+    teacher_macs = sum(model_cost(t, ctx.input_shape)["macs"] for t in teachers)
+    return throughput.train_flops_per_image(model_cost(student, ctx.input_shape)["macs"],
+                                            teacher_macs)
+
+
 def init_distill(ctx: Context, method, model, variables, teacher, batch_size: int):
     """A method's initial (params, state) for this student/teacher pair and dataset
     (CRD's memory banks get one row per training example)."""
@@ -93,7 +108,8 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, **
 
 def train_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
                 teacher=None, widths=None, on_log=None, model=None,
-                initial_variables=None, distill_variables=None) -> tuple[Any, dict]:
+                initial_variables=None, distill_variables=None,
+                config_dict=None) -> tuple[Any, dict]:
     """Train zoo model ``model_name`` (with optional group ``widths``) as stage ``name``
     under ``workdir/name``, from scratch or from ``initial_variables`` (fine-tuning).
 
@@ -104,6 +120,8 @@ def train_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, 
     teacher: optional (model, variables) whose eval-mode outputs feed ``objective``.
     model: optional module to train instead of the zoo model (e.g. a zoo model wrapped
       with learned masks); ``model_name`` then only labels its checkpoints.
+    config_dict: the settings recorded with the stage and compared on resume (default:
+      the whole config).
     Returns (final TrainState, results dict).
     """
     config = ctx.config
@@ -139,19 +157,23 @@ def train_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, 
     train_iter = data_pipeline.make_train_iterator(
         ctx.splits.train, config.data, global_batch_size=batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
+    teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
+    dtype = config.train.compute_dtype
     stage = loop.Stage(
         name=name, dir=ctx.workdir / name, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, global_batch_size=batch_size,
         eval_batch_size=config.train.eval_batch_size,
         log_every_steps=config.train.log_every_steps,
-        eval_every_steps=config.train.eval_every_steps)
-    teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
-    train_step = make_train_step(model, tx, objective, teacher=teacher_model)
+        eval_every_steps=config.train.eval_every_steps,
+        flops_per_image=train_flops_per_image(ctx, model_name, widths, teacher_model),
+        compute_dtype=dtype)
+    train_step = make_train_step(model, tx, objective, teacher=teacher_model, compute_dtype=dtype)
     state, results = loop.fit(
         stage, mesh=ctx.mesh, state=state, train_step=train_step,
-        eval_step=make_eval_step(model), train_iter=train_iter,
+        eval_step=make_eval_step(model, dtype), train_iter=train_iter,
         eval_data=loop.EvalData(ctx.splits.validation, ctx.splits.test, config.data),
-        spec=spec, config_dict=config.to_dict(), teacher_variables=teacher_variables,
+        spec=spec, config_dict=config_dict or config.to_dict(),
+        teacher_variables=teacher_variables,
         on_log=on_log)
     results["model"] = model_name
     ckpt_lib.save_json(stage.dir / "results.json", results)
@@ -231,7 +253,8 @@ def distill_stage(ctx: Context, name: str, model_name: str, optim_cfg, method, t
 def evaluate_model(ctx: Context, model, variables) -> dict:
     """{'validation', 'test'}: top-1 / top-5 / loss of a model on each held-out split (the
     trainer's sharded evaluation, compiled once); 'validation' is None without one."""
-    step = loop.compile_eval_step(make_eval_step(model), ctx.mesh)
+    step = loop.compile_eval_step(make_eval_step(model, ctx.config.train.compute_dtype),
+                                  ctx.mesh)
     return {split: None if source is None else loop.evaluate(
                 step, variables, source, ctx.config.data, ctx.config.train.eval_batch_size,
                 ctx.mesh)
@@ -281,23 +304,31 @@ def keep_head(trained: dict, fresh: dict) -> dict:
     return jax.tree_util.tree_map_with_path(pick, trained, fresh)
 
 
-def obtain_teacher(ctx: Context) -> tuple[Any, dict, dict]:
+def obtain_teacher(ctx: Context, teacher_cfg=None, stage: str = "teacher"
+                   ) -> tuple[Any, dict, dict]:
     """The teacher as (model, variables, results).
 
-    From ``config.teacher.checkpoint`` when set (its model spec must match the data:
-    same classes and input shape), else trained with ``config.teacher.optim`` under
-    ``workdir/teacher`` — resumed, or reused as is when that stage has already finished.
-    Either way the variables are read back from the stage's ``config.teacher.select``
+    From ``teacher_cfg.checkpoint`` when set (its model spec must match the data: same
+    classes and input shape), else trained with ``teacher_cfg.optim`` under
+    ``workdir/<stage>`` — resumed, or reused as is when that stage has already finished.
+    Either way the variables are read back from the stage's ``teacher_cfg.select``
     checkpoint (load_teacher), so one teacher directory gives one teacher to every run.
+    teacher_cfg: a teacher section (name, checkpoint, optim, select); default
+    ``config.teacher``. A trained teacher's stage is checked on resume against the
+    settings that shape it only (seed, data, train, its own section), so changing the
+    distillation settings of a later stage reuses it.
     """
-    teacher_cfg = ctx.config.teacher
+    config = ctx.config
+    teacher_cfg = config.teacher if teacher_cfg is None else teacher_cfg
     results = {}
     path = teacher_cfg.checkpoint
     if not path:
-        _, results = run_stage(ctx, "teacher", teacher_cfg.name, teacher_cfg.optim,
-                               supervised_objective)
-        path = ctx.workdir / "teacher"
-    spec, variables, info = load_teacher(path, teacher_cfg.select)
+        shaping = {"seed": config.seed, "data": config.data.to_dict(),
+                   "train": config.train.to_dict(), "teacher": teacher_cfg.to_dict()}
+        _, results = run_stage(ctx, stage, teacher_cfg.name, teacher_cfg.optim,
+                               supervised_objective, config_dict=shaping)
+        path = ctx.workdir / stage
+    spec, variables, info = load_teacher(path, teacher_cfg.get("select", "last"))
     expected = {"num_classes": ctx.num_classes, "input_shape": list(ctx.input_shape)}
     ckpt_lib.check_compatible(spec, expected, str(path))
     model = models.get_model(spec["name"], spec["num_classes"], spec["widths"] or None)
