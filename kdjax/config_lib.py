@@ -63,6 +63,7 @@ def train_settings():
         eval_every_steps=0,     # 0 = once per epoch
         eval_batch_size=500,
         max_steps=0,            # >0 caps every stage (smoke tests)
+        allow_config_change=False,  # True: resume although training keys changed (BUILD_NOTES)
     ))
 
 

@@ -18,8 +18,8 @@ SYNTHETIC = [
 ]
 
 
-def kdjax_cli(*args, **popen):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def kdjax_cli(*args, env_extra=None, **popen):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "kdjax.main", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +20,9 @@ import numpy as np
 VALID_SOURCES = ("idx", "tfds", "synthetic")
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
+IDX_REINSTALL_HINT = "apt-get install --reinstall dataset-fashion-mnist"
+# IDX files carry no class count: the MNIST-format datasets kdjax knows, by data.name.
+IDX_NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "kmnist": 10}
 
 _IDX_UBYTE = 0x08
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
@@ -96,8 +100,12 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
   a wrong magic number, dimension count or data size.
   """
   path = Path(path)
-  with _open_maybe_gzip(path) as f:
-    raw = f.read()
+  try:
+    with _open_maybe_gzip(path) as f:
+      raw = f.read()
+  except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    raise ValueError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); "
+                     f"{_repair_hint(path)}") from e
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
     raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4]!r})")
   if raw[2] != _IDX_UBYTE or raw[3] != ndim:
@@ -112,8 +120,34 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
   if len(raw) - header_end != expected:
     raise ValueError(
         f"{path}: IDX header says shape {shape} ({expected} bytes) but the file "
-        f"holds {len(raw) - header_end} data bytes")
+        f"holds {len(raw) - header_end} data bytes; {_repair_hint(path)}")
   return np.frombuffer(raw, dtype=np.uint8, offset=header_end).reshape(shape)
+
+
+def _repair_hint(path: Path) -> str:
+  """How to get an intact copy of a damaged IDX file."""
+  if path.parent == Path(DEFAULT_IDX_DIR):
+    return f"reinstall the dataset with `{IDX_REINSTALL_HINT}`"
+  return "replace it with an intact copy"
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where) -> None:
+  """Raises ValueError naming ``where`` unless every label is in [0, num_classes)."""
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if len(bad):
+    raise ValueError(
+        f"{where}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside "
+        f"[0, {num_classes}) ({len(bad)} such labels); the dataset has "
+        f"{num_classes} classes")
+
+
+def idx_num_classes(name: str) -> int:
+  """The class count of the MNIST-format dataset ``name`` (IDX_NUM_CLASSES)."""
+  if name not in IDX_NUM_CLASSES:
+    raise ValueError(
+        f"data.name={name!r}: the class count of an IDX dataset is known for "
+        f"{sorted(IDX_NUM_CLASSES)} only")
+  return IDX_NUM_CLASSES[name]
 
 
 def _find_idx_file(directory: Path, stem: str) -> Path | None:
@@ -123,11 +157,13 @@ def _find_idx_file(directory: Path, stem: str) -> Path | None:
   return None
 
 
-def idx_source(directory: str | os.PathLike, split: str) -> ArraySource:
+def idx_source(directory: str | os.PathLike, split: str,
+               num_classes: int | None = None) -> ArraySource:
   """Reads ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` from a folder.
 
   ``split`` is "train" or "test". Images [N,28,28] gain a channel axis:
-  [N,28,28,1]. Raises MissingDatasetError when the files are absent.
+  [N,28,28,1]. Raises MissingDatasetError when the files are absent, ValueError
+  for a damaged file or (given ``num_classes``) a label outside [0, num_classes).
   """
   if split not in _IDX_PREFIX:
     raise ValueError(f"IDX split must be one of {sorted(_IDX_PREFIX)}, got {split!r}")
@@ -148,6 +184,8 @@ def idx_source(directory: str | os.PathLike, split: str) -> ArraySource:
     raise ValueError(
         f"{image_path} holds {len(images)} images but {label_path} holds "
         f"{len(labels)} labels")
+  if num_classes is not None:
+    check_labels(labels, num_classes, label_path)
   return ArraySource(images[..., None], labels)
 
 
@@ -203,6 +241,7 @@ def tfds_source(name: str, split: str,
     images = images[..., None]
   info = DatasetInfo(num_classes=int(features["label"].num_classes),
                      image_shape=tuple(images.shape[1:]), name=name)
+  check_labels(labels, info.num_classes, f"TFDS {name} split {split!r} in {data_dir}")
   return ArraySource(images, labels), info
 
 
@@ -257,9 +296,9 @@ def _load_train_test(data_cfg, seed: int):
   source = data_cfg.source
   if source == "idx":
     directory = data_cfg.data_dir or DEFAULT_IDX_DIR
-    train = idx_source(directory, "train")
-    test = idx_source(directory, "test")
-    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    num_classes = idx_num_classes(data_cfg.name)
+    train = idx_source(directory, "train", num_classes)
+    test = idx_source(directory, "test", num_classes)
     return train, test, DatasetInfo(num_classes, train.image_shape,
                                     data_cfg.name)
   if source == "tfds":

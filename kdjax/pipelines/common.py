@@ -92,6 +92,7 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
     config = ctx.config
     if model is None:
         model = models.get_model(model_name, ctx.num_classes, widths)
+    loop.check_feature_maps(model, ctx.input_shape)
     spec = ckpt_lib.model_spec(model_name, ctx.num_classes, ctx.input_shape, widths)
     batch_size = optim_cfg.batch_size
     sharding.check_batch_size(batch_size, ctx.mesh)

@@ -92,22 +92,14 @@ def read_rows(path: pathlib.Path) -> list[dict]:
 
 class StepLog:
     """``on_log`` callback: appends every step's host metrics to a JSONL file, one line
-    ``{"step": s, <metric>: value, ...}`` per step.
-
-    On its first call it drops the lines at or after the first incoming step: a run that
-    died after a log but before its checkpoint resumes from the checkpoint, and its
-    replayed steps replace the stale lines instead of duplicating them.
+    ``{"step": s, <metric>: value, ...}`` per step. Lines past the resumed checkpoint
+    are dropped by the loop (``metrics.truncate_logs``), as for every stage log.
     """
 
     def __init__(self, path: pathlib.Path):
         self.path = path
-        self.started = False
 
     def __call__(self, step: int, history) -> None:
-        if not self.started:
-            kept = [r for r in read_rows(self.path) if r["step"] < history[0][0]]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            self.started = True
         with self.path.open("a") as f:
             for s, metrics in history:
                 record = {"step": int(s), **{k: float(v) for k, v in metrics.items()}}

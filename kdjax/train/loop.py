@@ -3,7 +3,10 @@
 Compiles the train and eval steps once on the data mesh, resumes from the stage's
 latest checkpoint, logs metrics and a progress line, evaluates on the validation
 and test splits at epoch boundaries, keeps the last and the best-on-validation
-checkpoints, stops on NaN/Inf, and on SIGTERM saves and raises ``Preempted``.
+checkpoints, and on SIGTERM saves and raises ``Preempted``.
+
+Non-finite values stop the run with FloatingPointError and nothing written: a NaN/Inf
+training loss, an evaluation loss, or any array of the state about to be saved.
 """
 
 from __future__ import annotations
@@ -143,6 +146,53 @@ def compile_eval_step(eval_step: Callable, mesh) -> Callable:
                    out_shardings=batch_sharding)
 
 
+def check_feature_maps(model, input_shape) -> None:
+    """Fail at start-up (ValueError) if a feature tap of ``model`` has no spatial extent
+    for inputs of ``input_shape`` (H, W, C), e.g. too many poolings for small images.
+
+    Shapes only (``jax.eval_shape``): nothing is computed.
+    """
+    dummy = jax.ShapeDtypeStruct((1, *input_shape), np.float32)
+    _, features = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.PRNGKey(0), x)[0], dummy)
+    empty = {tap: tuple(f.shape) for tap, f in features.items() if 0 in f.shape[1:-1]}
+    if empty:
+        raise ValueError(
+            f"{type(model).__name__} has empty feature maps for inputs {tuple(input_shape)} "
+            f"(tap: shape {empty}); the input is too small for this model: use larger "
+            f"images or a model with fewer downsamplings.")
+
+
+def non_finite_arrays(tree) -> list[str]:
+    """Key paths of the floating-point arrays of ``tree`` that hold a NaN or an Inf."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        leaf = jax.device_get(leaf)
+        if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.all(np.isfinite(leaf)):
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
+def _stop_non_finite(stage: Stage, checkpointer, what: str) -> FloatingPointError:
+    """The error that stops a run on a non-finite value, naming the last good checkpoint."""
+    last = checkpointer.latest_step()
+    where = ("no checkpoint was written yet" if last is None else
+             f"the last good checkpoint is step {last} in {stage.dir / ckpt_lib.LAST_DIR}")
+    return FloatingPointError(
+        f"[{stage.name}] {what}; the run is stopped and nothing of this state is written "
+        f"({where}). Lower the learning rate or check the data and the model.")
+
+
+def _save_checked(stage, checkpointer, state, data_state, progress, is_best) -> None:
+    """Save, unless some array of ``state`` is non-finite (then FloatingPointError)."""
+    bad = non_finite_arrays(state)
+    if bad:
+        raise _stop_non_finite(stage, checkpointer, (
+            f"the state at step {int(jax.device_get(state.step))} holds non-finite values in "
+            f"{len(bad)} arrays (first: {bad[0]})"))
+    checkpointer.save(state, data_state, progress, is_best=is_best)
+
+
 def _first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, float] | None:
     for step, values in history:
         loss = float(values["loss"])
@@ -178,18 +228,24 @@ def fit(
     Returns (final state, results dict); results are also written to results.json.
     """
     stage.dir.mkdir(parents=True, exist_ok=True)
-    ckpt_lib.save_json(stage.dir / "config.json", config_dict)
+    check_stage(stage, mesh)
     checkpointer = ckpt_lib.StageCheckpointer(stage.dir, spec, config_dict)
     progress = {"epoch": 0, "best_val_top1": -1.0, "test_top1_at_best_val": None,
-                "best_test_top1": -1.0}
+                "best_test_top1": -1.0, "best_step": None}
     state = sharding.replicate(state, mesh)
     if checkpointer.latest_step() is not None:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
         )
-        state, data_state, progress = checkpointer.restore(abstract)
+        try:
+            state, data_state, progress = checkpointer.restore(abstract)
+        except BaseException:
+            checkpointer.close()
+            raise
         train_iter.set_state(data_state)
         log.info("[%s] resumed from step %d", stage.name, int(state.step))
+    ckpt_lib.save_json(stage.dir / "config.json", config_dict)  # after the resume checks
+    metrics_lib.truncate_logs(stage.dir, int(jax.device_get(state.step)))
 
     compiled_step = compile_train_step(train_step, mesh)
     compiled_eval = compile_eval_step(eval_step, mesh)
@@ -213,16 +269,13 @@ def fit(
                     pending.clear()
                     bad = _first_non_finite(host)
                     if bad is not None:
-                        raise FloatingPointError(
-                            f"[{stage.name}] loss became {bad[1]} at step {bad[0]}; the run "
-                            f"is stopped and no checkpoint of this state is written. Lower "
-                            f"the learning rate or check the data; the last good checkpoint "
-                            f"is in {stage.dir / ckpt_lib.LAST_DIR}."
-                        )
+                        raise _stop_non_finite(stage, checkpointer,
+                                               f"loss became {bad[1]} at step {bad[0]}")
                     scalars = _mean_scalars(host)
                     writer.write(step, "train", scalars)
                     if on_log is not None:
                         on_log(step, host)
+                    ckpt_lib.crash_point("after_log", step)
                     now = time.time()
                     rate = (step - last_log_step) * stage.global_batch_size / max(now - last_log_time, 1e-9)
                     eta = (stage.total_steps - step) * stage.global_batch_size / max(rate, 1e-9)
@@ -237,33 +290,59 @@ def fit(
                     last_log_time = time.time()
                 if sigterm.raised:
                     if not boundary:
-                        checkpointer.save(state, train_iter.get_state(), progress, is_best=False)
+                        _save_checked(stage, checkpointer, state, train_iter.get_state(),
+                                      progress, is_best=False)
                     raise Preempted(
                         f"[{stage.name}] SIGTERM received: checkpoint saved at step {step} in "
                         f"{stage.dir / ckpt_lib.LAST_DIR}; run the same command to resume."
                     )
+        results = _final_results(stage, state, compiled_eval, eval_data, mesh, progress,
+                                 checkpointer)
     finally:
         writer.close()
         checkpointer.close()
-
-    results = _final_results(stage, state, compiled_eval, eval_data, mesh, progress)
     ckpt_lib.save_json(stage.dir / "results.json", results)
     return state, results
+
+
+def check_stage(stage: Stage, mesh) -> None:
+    """Fail before training (ValueError naming the config key) on settings the loop
+    cannot run with."""
+    if stage.total_steps < 1:
+        raise ValueError(f"[{stage.name}] has {stage.total_steps} steps to train: the "
+                         f"stage's optim.epochs (and train.max_steps, if set) must be >= 1")
+    if stage.log_every_steps < 1:
+        raise ValueError(f"train.log_every_steps={stage.log_every_steps} must be >= 1")
+    try:
+        sharding.check_batch_size(stage.eval_batch_size, mesh)
+    except ValueError as err:
+        raise ValueError(f"train.eval_batch_size: {err}") from None
+
+
+def _evaluate(stage, variables, split: str, source, compiled_eval, eval_data, mesh, step,
+              checkpointer) -> dict:
+    """Metrics of ``variables`` on one split; FloatingPointError if the loss is not finite."""
+    metrics = evaluate(compiled_eval, variables, source, eval_data.data_cfg,
+                       stage.eval_batch_size, mesh)
+    if not np.isfinite(metrics["loss"]):
+        raise _stop_non_finite(stage, checkpointer,
+                               f"the {split} loss is {metrics['loss']} at step {step}")
+    return metrics
 
 
 def _evaluate_and_save(stage, state, step, compiled_eval, eval_data, mesh, writer,
                        checkpointer, train_iter, progress) -> dict:
     """Evaluate at an epoch boundary, log, and write the last (and maybe best) checkpoint."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    test = evaluate(compiled_eval, variables, eval_data.test, eval_data.data_cfg,
-                    stage.eval_batch_size, mesh)
+    test = _evaluate(stage, variables, "test", eval_data.test, compiled_eval, eval_data, mesh,
+                     step, checkpointer)
     writer.write(step, "test", test)
     progress = dict(progress)
     progress["epoch"] = step / stage.steps_per_epoch
     progress["best_test_top1"] = max(progress["best_test_top1"], test["top1"])
     if eval_data.validation is not None:
-        val = evaluate(compiled_eval, variables, eval_data.validation, eval_data.data_cfg,
-                       stage.eval_batch_size, mesh)
+        val = _evaluate(stage, variables, "validation", eval_data.validation, compiled_eval,
+                        eval_data, mesh, step, checkpointer)
         writer.write(step, "validation", val)
         is_best = val["top1"] > progress["best_val_top1"]
         shown = f"val top1 {val['top1']:.2f} "
@@ -272,18 +351,22 @@ def _evaluate_and_save(stage, state, step, compiled_eval, eval_data, mesh, write
     if is_best:
         progress["best_val_top1"] = val["top1"]
         progress["test_top1_at_best_val"] = test["top1"]
+        progress["best_step"] = step
     log.info("[%s] epoch %.2f %stest top1 %.2f top5 %.2f loss %.4f", stage.name,
                  progress["epoch"], shown, test["top1"], test["top5"], test["loss"])
-    checkpointer.save(state, train_iter.get_state(), progress, is_best=is_best)
+    _save_checked(stage, checkpointer, state, train_iter.get_state(), progress, is_best)
     return progress
 
 
-def _final_results(stage, state, compiled_eval, eval_data, mesh, progress) -> dict:
+def _final_results(stage, state, compiled_eval, eval_data, mesh, progress,
+                   checkpointer) -> dict:
     """Results of a finished stage: last-epoch and best-epoch test accuracy, both logged
-    because published tables use either (see docs/distillation_losses.md)."""
+    because published tables use either (see docs/distillation_losses.md); ``best_step`` is
+    the step of the checkpoint in ``best/``."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    test = evaluate(compiled_eval, variables, eval_data.test, eval_data.data_cfg,
-                    stage.eval_batch_size, mesh)
+    step = int(jax.device_get(state.step))
+    test = _evaluate(stage, variables, "test", eval_data.test, compiled_eval, eval_data, mesh,
+                     step, checkpointer)
     return {
         "stage": stage.name,
         "steps": int(jax.device_get(state.step)),
@@ -294,4 +377,5 @@ def _final_results(stage, state, compiled_eval, eval_data, mesh, progress) -> di
         "test_top1_best_epoch": progress["best_test_top1"],
         "val_top1_best": progress["best_val_top1"],
         "test_top1_at_best_val": progress["test_top1_at_best_val"],
+        "best_step": progress.get("best_step"),
     }
