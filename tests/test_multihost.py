@@ -39,9 +39,13 @@ TINY = [
     "--config.train.log_every_steps=1",
 ]
 
-# Logs, per process, every file opened for writing and every rename/replace target.
+# Logs, per process, every file opened for writing and every rename/replace target;
+# installs the fake gs:// when asked (tests/fake_gcs.py).
 AUDIT_HOOK = textwrap.dedent("""
     import os, sys
+    if os.environ.get("KDJAX_TEST_FAKE_GCS"):
+        import fake_gcs
+        fake_gcs.install(os.environ["KDJAX_TEST_FAKE_GCS"])
     _log = open(os.environ["KDJAX_TEST_AUDIT"], "a", buffering=1)
     def _hook(event, args):
         if event == "open" and isinstance(args[0], str) and isinstance(args[1], str) \\
@@ -59,9 +63,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir, *overrides, processes=1, devices=1, audit_dir=None):
+def start(workdir, *overrides, processes=1, devices=1, hook_dir=None, env=None):
     """Start one run of the CLI as ``processes`` processes with ``devices`` CPU devices each."""
-    hook_dir = pathlib.Path(audit_dir or workdir.parent) / "hook"
+    hook_dir = pathlib.Path(hook_dir or workdir.parent / "hook")
     hook_dir.mkdir(parents=True, exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(AUDIT_HOOK)
     distributed = []
@@ -70,15 +74,16 @@ def start(workdir, *overrides, processes=1, devices=1, audit_dir=None):
                        f"--config.train.coordinator_address=localhost:{free_port()}"]
     procs = []
     for i in range(processes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   PYTHONPATH=os.pathsep.join([str(hook_dir), str(REPO)]),
-                   KDJAX_TEST_AUDIT=str(hook_dir / f"process_{i}.log"))
+        process_env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu",
+                           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                           PYTHONPATH=os.pathsep.join([str(hook_dir), str(REPO / "tests"),
+                                                       str(REPO)]),
+                           KDJAX_TEST_AUDIT=str(hook_dir / f"process_{i}.log"))
         args = [*TINY, f"--workdir={workdir}", *overrides, *distributed]
         if processes > 1:
             args.append(f"--config.train.process_id={i}")
         procs.append(subprocess.Popen([sys.executable, "-m", "kdjax.main", *args], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env=process_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     return procs
 
@@ -99,8 +104,8 @@ def finish(procs, timeout=TIMEOUT) -> list[tuple[int, str]]:
     return results
 
 
-def run(workdir, *overrides, processes=1, devices=1, expect=0):
-    results = finish(start(workdir, *overrides, processes=processes, devices=devices))
+def run(workdir, *overrides, expect=0, **options):
+    results = finish(start(workdir, *overrides, **options))
     for i, (code, err) in enumerate(results):
         assert code == expect, f"process {i} exited {code}:\n{err[-3000:]}"
     return results
@@ -192,3 +197,32 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tmp_path):
              if p.name.isdigit()]
     stopped = [int(err.split("checkpoint saved at step ")[1].split()[0]) for _, err in results]
     assert stopped[0] == stopped[1] == max(saved)
+
+
+def test_gs_workdir_holds_every_file_and_resumes(tmp_path, monkeypatch):
+    """A whole run with ``--workdir=gs://bucket/run`` on the fake gs:// (tests/fake_gcs.py):
+    every report and checkpoint lands in the bucket, nothing in a local ``gs:`` folder, and
+    a second run resumes from the bucket's checkpoint."""
+    import fake_gcs
+
+    bucket = tmp_path / "bucket-store"
+    env = {fake_gcs.ENV: str(bucket)}
+    options = dict(processes=1, devices=2, hook_dir=tmp_path / "hook", env=env)
+    run("gs://bkt/run", "--config.train.max_steps=2", **options)
+    _, err = run("gs://bkt/run", "--config.train.max_steps=3", **options)[0]
+    assert "resumed from step 2" in err
+    stage = bucket / "bkt" / "run" / STAGE
+    assert {"config.json", "results.json", "metrics.jsonl"} <= {p.name for p in stage.iterdir()}
+    steps = [json.loads(line)["step"] for line in (stage / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert steps == [1, 2, 3]
+    assert json.loads((stage / "results.json").read_text())["steps"] == 3
+    assert sorted(int(p.name) for p in (stage / ckpt_lib.LAST_DIR).iterdir()) == [2, 3]
+    assert not (REPO / "gs:").exists()  # the runs' working directory
+    from orbax.checkpoint._src.path import gcs_utils
+
+    for name in ("is_hierarchical_namespace_enabled", "get_kvstore_for_gcs"):
+        monkeypatch.setattr(gcs_utils, name, getattr(gcs_utils, name))  # restored after
+    fake_gcs.install(str(bucket))  # this process reads the checkpoint through gs:// too
+    spec, variables = ckpt_lib.load_variables("gs://bkt/run/model", prefer=ckpt_lib.LAST_DIR)
+    assert spec["name"] == "resnet8" and "params" in variables

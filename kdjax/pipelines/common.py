@@ -4,18 +4,18 @@ and obtaining a teacher (from a checkpoint or trained first under workdir/teache
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 import logging
 
 from kdjax import losses, models
 from kdjax.data import load_splits, pipeline as data_pipeline
 from kdjax.train import checkpoint as ckpt_lib
-from kdjax.train import loop, optim, sharding
+from kdjax.train import files, loop, optim, sharding
 from kdjax.train.state import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("kdjax")
@@ -26,7 +26,7 @@ class Context:
     """What all stages of one run share: config, mesh, data splits and their shape."""
 
     config: ml_collections.ConfigDict
-    workdir: pathlib.Path
+    workdir: epath.Path
     mesh: Any
     splits: Any
 
@@ -50,7 +50,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Context:
                  0 if splits.validation is None else len(splits.validation),
                  len(splits.test), splits.info.num_classes, splits.info.image_shape,
                  dict(mesh.shape))
-    return Context(config, pathlib.Path(workdir), mesh, splits)
+    return Context(config, files.as_path(workdir), mesh, splits)
 
 
 def init_variables(model, input_shape, seed: int) -> dict:
@@ -125,7 +125,7 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
         spec=spec, config_dict=config.to_dict(), teacher_variables=teacher_variables,
         on_log=on_log)
     results["model"] = model_name
-    ckpt_lib.save_json(stage.dir / "results.json", results)
+    files.save_json(stage.dir / "results.json", results)
     return state.variables, results
 
 

@@ -12,7 +12,7 @@ import logging
 
 from kdjax import models
 from kdjax.pipelines import common
-from kdjax.train import checkpoint as ckpt_lib
+from kdjax.train import files
 
 log = logging.getLogger("kdjax")
 
@@ -48,7 +48,7 @@ def report(ctx, results: dict) -> None:
     table = summary_table(results)
     log.info("results:\n%s", table)
     print(table, flush=True)
-    ckpt_lib.save_json(ctx.workdir / "summary.json", results)
+    files.save_json(ctx.workdir / "summary.json", results)
 
 
 def run(config, workdir) -> dict:
