@@ -315,9 +315,9 @@ def fit(
                     where = (f" by process {', '.join(map(str, stop_by))}"
                              if jax.process_count() > 1 else "")
                     raise Preempted(
-                        f"[{stage.name}] SIGTERM received{where}: checkpoint saved at step {step} in "
-                        f"{stage.dir / ckpt_lib.LAST_DIR}; run the same command to resume."
-                    )
+                        f"[{stage.name}] SIGTERM received{where}: checkpoint saved at step "
+                        f"{step} in {stage.dir / ckpt_lib.LAST_DIR}; run the same command to "
+                        f"resume.")
         results = _final_results(stage, state, compiled_eval, eval_data, mesh, progress,
                                  checkpointer)
     finally:
