@@ -29,13 +29,14 @@ from ml_collections import config_flags  # noqa: E402
 
 from kdjax import models  # noqa: E402
 from kdjax.data import MissingDatasetError  # noqa: E402
-from kdjax.pipelines import dynamic_kd, emo_pms, kd, pdd, supervised  # noqa: E402
+from kdjax.pipelines import cascaded, dynamic_kd, emo_pms, kd, pdd, supervised  # noqa: E402
 from kdjax.train import checkpoint as ckpt_lib  # noqa: E402
 from kdjax.train import files  # noqa: E402
 from kdjax.train.loop import Preempted  # noqa: E402
 
 PIPELINES = {
     "supervised": supervised.run,
+    "cascaded": cascaded.run,
     "dynamic_kd": dynamic_kd.run,
     "emo_pms": emo_pms.run,
     "kd": kd.run,
