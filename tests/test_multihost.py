@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -104,18 +105,17 @@ def finish(procs, timeout=TIMEOUT) -> list[tuple[int, str]]:
     return results
 
 
-def run(workdir, *overrides, expect=0, **options):
+def run(workdir, *overrides, **options):
+    """Run the CLI to the end (see ``start``); every process must exit 0."""
     results = finish(start(workdir, *overrides, **options))
     for i, (code, err) in enumerate(results):
-        assert code == expect, f"process {i} exited {code}:\n{err[-3000:]}"
+        assert code == 0, f"process {i} exited {code}:\n{err[-3000:]}"
     return results
 
 
 def final_params(workdir) -> dict:
     """The parameters of the stage's newest resume checkpoint, as flat numpy arrays."""
     _, variables = ckpt_lib.load_variables(workdir / STAGE, prefer=ckpt_lib.LAST_DIR)
-    import jax
-
     flat = jax.tree_util.tree_flatten_with_path(variables)[0]
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
@@ -199,6 +199,7 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tmp_path):
     assert stopped[0] == stopped[1] == max(saved)
 
 
+@pytest.mark.slow
 def test_gs_workdir_holds_every_file_and_resumes(tmp_path, monkeypatch):
     """A whole run with ``--workdir=gs://bucket/run`` on the fake gs:// (tests/fake_gcs.py):
     every report and checkpoint lands in the bucket, nothing in a local ``gs:`` folder, and
