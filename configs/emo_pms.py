@@ -8,12 +8,24 @@ Paper setting (CIFAR-10 ResNet-56, ≈50 % of the FLOPs removed: target_flops_ra
 the HRank / DepGraph operating point; needs a prepared TFDS dataset, see README),
 on a TPU/GPU:
     python -m kdjax.main --config=configs/emo_pms.py --workdir=/tmp/emo
-VGG-16 on CIFAR-10 (5 sub-networks, one per pooling block):
+VGG-16 on CIFAR-10 (the CIFAR VGG-16 of the pruning literature, ``vgg16_cifar``; 5
+sub-networks, one per pooling block):
     python -m kdjax.main --config=configs/emo_pms.py:vgg16 --workdir=/tmp/emo-vgg
 With a network you already have: --config.teacher.checkpoint=DIR (a kdjax stage directory).
 Baselines through the same compaction + fine-tuning path (results under workdir/<method>/):
     --config.emo.method=uniform | l1 | taylor | whole_nsga2
 Another operating point: --config.target_flops_ratio=0.45
+
+Data and selection in the paper presets: the network (when trained here) and the
+fine-tuning use all 50,000 training images (``data.validation_size = 0``, as the pruning
+papers), the fine-tuned network reported is the LAST epoch's (best-epoch test figure logged
+beside it). The search needs held-out data: ``emo.holdout_size`` examples are carved from
+the training split (seeded with the NETWORK's data seed, read from its checkpoint) for the
+fitness and the GPIR impairments, and the selectors, constraint training and Taylor scores
+use the rest — "held-out" from the search's own training, not from the network's (which saw
+all 50k). With a validation split (``--config.data.validation_size=5000``, or the demo) the
+search uses that split instead, carved with the network's seed so that it holds no example
+the network trained on; a network whose recorded data settings differ is refused.
 
 Demo on the embedded Fashion-MNIST (ResNet-20 trained first; 6 min on a 2-core CPU):
     python -m kdjax.main --config=configs/emo_pms.py:demo --workdir=/tmp/emo-demo
@@ -25,7 +37,8 @@ from kdjax import config_lib
 
 # The standard CIFAR-10 ResNet recipe of He et al., "Deep Residual Learning for Image
 # Recognition", CVPR 2016, §4.2: SGD momentum 0.9, batch 128, lr 0.1, weight decay 1e-4,
-# lr ÷10 at 32k and 48k iterations, 64k iterations (≈ 82 / 123 / 164 epochs of 45k images).
+# lr ÷10 at 32k and 48k iterations, 64k iterations (≈ 82 / 123 / 164 epochs of the 50k
+# training images at 390 steps per epoch).
 RESNET_CIFAR10 = dict(epochs=164, batch_size=128, lr=0.1, milestones=(82, 123),
                       weight_decay=1e-4)
 # VGG-16-BN on CIFAR-10 as trained by the HRank / ABCPruner baselines: 160 epochs, lr 0.1
@@ -33,7 +46,7 @@ RESNET_CIFAR10 = dict(epochs=164, batch_size=128, lr=0.1, milestones=(82, 123),
 VGG_CIFAR10 = dict(epochs=160, batch_size=128, lr=0.1, milestones=(80, 120),
                    weight_decay=5e-4)
 
-PRESETS = {"": ("resnet56", RESNET_CIFAR10), "vgg16": ("vgg16", VGG_CIFAR10)}
+PRESETS = {"": ("resnet56", RESNET_CIFAR10), "vgg16": ("vgg16_cifar", VGG_CIFAR10)}
 
 
 def emo_section(**overrides) -> ml_collections.ConfigDict:
@@ -47,8 +60,9 @@ def emo_section(**overrides) -> ml_collections.ConfigDict:
         crossover="uniform",       # uniform | one_point
         crossover_prob=0.9,
         mutation_rate=0.0,         # per-bit flip probability; 0 = 1 / genes
-        eval_batch=512,            # validation examples of the fitness (fixed batch)
-        impairment_examples=0,     # validation examples for GPIR impairment; 0 = all
+        holdout_size=5000,         # search hold-out carved from train when validation_size = 0
+        eval_batch=512,            # held-out examples of the fitness (fixed batch)
+        impairment_examples=0,     # held-out examples for GPIR impairment; 0 = all
         candidates_per_subnet=6,   # K, spread over each final Pareto front
         batch_size=128,            # selector / constraint / Taylor training batches
         selector_steps=2000,
@@ -58,8 +72,8 @@ def emo_section(**overrides) -> ml_collections.ConfigDict:
         taylor_batches=10,         # training batches summed for the taylor baseline
         finetune=config_lib.optim(epochs=100, batch_size=128, lr=0.01, milestones=(50, 75),
                                   weight_decay=1e-4),
-        finetune_kd=False,         # fine-tune with Hinton KD from the unpruned network
-        kd_temperature=4.0, kd_ce_weight=0.1, kd_weight=0.9,
+        finetune_kd=False,         # fine-tune distilling from the unpruned network
+                                   # (config.distill: KD 0.1·CE + 0.9·KD, T = 4)
     )
     emo.update(overrides)
     return ml_collections.ConfigDict(emo)
@@ -71,6 +85,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg in PRESETS:
         name, recipe = PRESETS[arg]
         config.data = config_lib.cifar_data("cifar10")
+        config.data.validation_size = 0  # network + fine-tuning on all 50k (see docstring)
         config.teacher = config_lib.teacher(name, optim_cfg=config_lib.optim(**recipe))
         config.emo = emo_section()
     elif arg == "demo":
@@ -86,5 +101,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/emo_pms.py; "
                          f"valid: {sorted(PRESETS) + ['demo']}")
+    config.distill = config_lib.distill("kd", init_epochs=1 if arg == "demo" else 30)
     config.lock()
     return config

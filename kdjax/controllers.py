@@ -147,7 +147,10 @@ def entropy_controller(
     * ``mode="entropy_feedback"``: ``student_entropy = H(q_c)`` and
       ``teacher_entropy = H(p_t)`` (scalars, batch means; see
       :func:`controller_entropies`). Update:
-      ``theta <- clip(theta + feedback_rate * (H(q_c) - H(p_t)))``.
+      ``theta <- clip(theta + feedback_rate * (H(q_c) - H(p_t)))``. For
+      ``kind="per_class"`` pass ``[K]`` per-class entropies to move each class
+      on its own; scalar entropies move every class by the same factor (the
+      DynamicKD pipeline therefore rejects per_class with this mode).
 
     Other extra arguments are ignored. Clipping is ``c in [clip[0], clip[1]]``
     (done on ``theta`` in log space). While ``count < warmup_steps`` the update

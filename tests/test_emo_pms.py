@@ -2,17 +2,20 @@
 GPIR selection, and a few-step end-to-end run (plus the baselines) on synthetic data."""
 
 import importlib.util
+import itertools
 import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from kdjax import config_lib, models
 from kdjax.pipelines import common, emo_pms
 from kdjax.pruning import cost as cost_lib
+from kdjax.pruning import saliency
 from kdjax.pruning import split as split_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -202,9 +205,28 @@ def tiny_config(method="emo_pms"):
     return config
 
 
-def test_end_to_end_synthetic(tmp_path):
-    """Two sub-networks: input→stage2 (selector head) and stage2→logits (the net's head)."""
+def spy(monkeypatch, module, name, calls):
+    """Wrap ``module.name`` so that every call's (args, kwargs, result) lands in calls[name]."""
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.setdefault(name, []).append((args, kwargs, result))
+        return result
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_end_to_end_synthetic(tmp_path, monkeypatch):
+    """Two sub-networks: input→stage2 (selector head) and stage2→logits (the net's head),
+    no validation split (the search holds out 64 training examples). Fine-tuning starts
+    from exactly the assembled masked net with the constraint-trained parameters, and its
+    widths are GPIR's pick (checked by brute force)."""
+    calls = {}
+    spy(monkeypatch, emo_pms, "search_emo_pms", calls)
+    spy(monkeypatch, common, "run_stage", calls)
     config = tiny_config()
+    config.data.validation_size, config.emo.holdout_size = 0, 64  # as the paper presets
     results = emo_pms.run(config, tmp_path)
     out = tmp_path / "emo_pms"
     for name in ("results.json", "scheme.json", "hypervolume.json", "hypervolume.png",
@@ -218,11 +240,110 @@ def test_end_to_end_synthetic(tmp_path):
     assert macs == results["pruned"]["macs"] <= 0.6 * results["unpruned"]["macs"]
     hv = json.loads((out / "hypervolume.json").read_text())
     assert len(hv) == 2 and all(len(v["per_generation"]) == 3 for v in hv.values())
+    assert all(np.all(np.diff(v["per_generation"]) >= 0) for v in hv.values())  # archive
     scheme = json.loads((out / "scheme.json").read_text())
     assert len(scheme["search"]["subnets"]) == 2
     assert results["finetune"]["steps"] == 2
     for key in ("unpruned", "before_finetune", "after_finetune"):
         assert 0.0 <= saved[key]["test_top1"] <= 100.0
+    assert saved["before_finetune"]["validation_top1"] is None  # no validation split
+
+    (_, net, _), _, (masks, params, info) = calls["search_emo_pms"][0]
+    (_, stage, *_), finetune, _ = calls["run_stage"][-1]
+    assert stage == "emo_pms/finetune"
+    # GPIR's pick: the least total impairment among the combinations within the budget
+    subnets = info["subnets"]
+    best, best_delta = None, np.inf
+    for combo in itertools.product(*[range(len(s["candidates"])) for s in subnets]):
+        widths = {g: c for k, s in zip(combo, subnets)
+                  for g, c in s["candidates"][k]["kept"].items()}
+        cost = cost_lib.model_cost(models.get_model("resnet8", 10, widths), SHAPE)["macs"]
+        delta = sum(s["candidates"][k]["impairment"] for k, s in zip(combo, subnets))
+        if cost <= 0.6 * results["unpruned"]["macs"] and delta < best_delta:
+            best, best_delta = combo, delta
+    assert [s["chosen"] for s in subnets] == list(best)
+    picked = {g: c for s in subnets for g, c in s["candidates"][s["chosen"]]["kept"].items()}
+    assert dict(finetune["widths"]) == picked == saved["pruned"]["widths"]
+    # the compacted net fine-tuning starts from = the masked net with the trained params
+    trained = emo_pms.with_params(net.variables, params)
+    assert any(not np.array_equal(a, b) for m in params for a, b in zip(
+        jax.tree.leaves(params[m]), jax.tree.leaves(net.variables["params"][m])))
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(6, *SHAPE)), jnp.float32)
+    want = net.model.apply(trained, x, masks=masks)[0]
+    got = finetune["model"].apply(finetune["initial_variables"], x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["l1", "taylor"])
+def test_saliency_baselines_prune_the_lowest_scores(kind, tmp_path, monkeypatch):
+    """The scores handed to prune_to are the method's (L1 of the producing filters;
+    Taylor |∂CE/∂m| summed over the same training batches, recomputed here), and within
+    every group each kept channel scores at least as high as each pruned one."""
+    calls = {}
+    spy(monkeypatch, emo_pms.saliency, "prune_to", calls)
+    config = tiny_config(kind)
+    ctx = common.setup(config, tmp_path)
+    net = tiny_network()
+    masks, _, _ = emo_pms.search_saliency(ctx, net, kind)
+    (scores, _), _, _ = calls["prune_to"][0]
+    if kind == "l1":
+        want = saliency.l1_scores(net.model, net.variables["params"])
+    else:
+        want = {g: np.zeros(c) for g, c in models.mask_groups(net.model).items()}
+        batches = emo_pms.train_batches(ctx, config.emo.batch_size, 7)
+        ones = {g: jnp.ones(c) for g, c in models.mask_groups(net.model).items()}
+        for _ in range(config.emo.taylor_batches):
+            batch = next(batches)
+            ce = lambda m: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(  # noqa
+                net.model.apply(net.variables, batch["image"], masks=m)[0], batch["label"]))
+            want = {g: want[g] + np.abs(v) for g, v in jax.grad(ce)(ones).items()}
+    for g in want:
+        np.testing.assert_allclose(scores[g], want[g], rtol=1e-4, atol=1e-7)
+    pruned_any = False
+    for g, m in masks.items():
+        kept, score = np.asarray(m) > 0, np.asarray(scores[g])
+        if not kept.all():
+            pruned_any = True
+            assert score[kept].min() >= score[~kept].max(), g
+    assert pruned_any
+
+
+def test_splits_follow_the_networks_data_seed(tmp_path):
+    """A network trained with seed 0, pruned with seed 1: the splits are carved with the
+    network's recorded seed; other data settings are refused."""
+    config = tiny_config("uniform")
+    config.train.max_steps = 1
+    ctx = common.setup(config, tmp_path)
+    _, _, trained = common.obtain_teacher(ctx)
+    assert emo_pms.network_context(ctx, trained) is ctx
+    config.seed, config.teacher.checkpoint = 1, str(tmp_path / "teacher")
+    other = common.setup(config, tmp_path / "seed1")
+    _, _, loaded = common.obtain_teacher(other)
+    assert loaded["data_seed"] == 0 and loaded["step"] == 1
+    carved = emo_pms.network_context(other, loaded)
+    for split in ("train", "validation"):
+        theirs, ours = getattr(ctx.splits, split), getattr(carved.splits, split)
+        np.testing.assert_array_equal(ours.images, theirs.images)
+        assert not np.array_equal(getattr(other.splits, split).images, theirs.images)
+    config.data.validation_size = 32
+    with pytest.raises(ValueError, match="data.validation_size: network 64, config 32"):
+        emo_pms.network_context(common.setup(config, tmp_path / "v32"), loaded)
+
+
+def test_search_holds_out_part_of_the_training_split_without_validation(tmp_path):
+    config = tiny_config()
+    config.data.validation_size, config.emo.holdout_size = 0, 100
+    ctx = common.setup(config, tmp_path)
+    search = emo_pms.search_context(ctx, data_seed=0).splits
+    assert len(search.validation) == 100 and len(search.train) == len(ctx.splits.train) - 100
+    rows = lambda *sources: sorted(img.tobytes() for s in sources for img in s.images)  # noqa
+    assert rows(search.train, search.validation) == rows(ctx.splits.train)  # a partition
+    assert search.test is ctx.splits.test
+    config.emo.holdout_size = 0
+    with pytest.raises(ValueError, match="emo.holdout_size"):
+        emo_pms.search_context(common.setup(config, tmp_path), data_seed=0)
+    with_validation = common.setup(tiny_config(), tmp_path)
+    assert emo_pms.search_context(with_validation, data_seed=0) is with_validation
 
 
 @pytest.mark.parametrize("method", ["uniform", "l1", "taylor", "whole_nsga2"])

@@ -128,6 +128,12 @@ def test_supervised_end_to_end(tmp_path):
     assert splits == {"train", "validation", "test"}
 
 
+def checkpoint_mtimes(stage_dir):
+    """{relative path: mtime_ns} of every step directory of a stage's checkpoints."""
+    return {str(p.relative_to(stage_dir)): p.stat().st_mtime_ns
+            for d in (ckpt_lib.LAST_DIR, ckpt_lib.BEST_DIR) for p in (stage_dir / d).iterdir()}
+
+
 def test_kd_end_to_end_and_teacher_reuse(tmp_path):
     config = config_lib.synthetic(load_config("kd"), steps=2)
     config.teacher.name, config.student.name = "resnet14", "resnet8"
@@ -135,11 +141,12 @@ def test_kd_end_to_end_and_teacher_reuse(tmp_path):
     results = kd.run(config, tmp_path)
     assert set(results) == {"teacher", "student", "kd"}
     assert (tmp_path / "summary.json").exists()
-    mtime = (tmp_path / "teacher" / "results.json").stat().st_mtime_ns
+    saved = checkpoint_mtimes(tmp_path / "teacher")
     teacher_steps = results["teacher"]["steps"]
-    # Second run: the finished teacher is reused, not retrained.
+    # Second run: the finished teacher is reused, not retrained: no checkpoint is written.
     again = kd.run(config, tmp_path)
     assert again["teacher"]["steps"] == teacher_steps
+    assert checkpoint_mtimes(tmp_path / "teacher") == saved
     train_lines = [l for l in open(tmp_path / "teacher" / "metrics.jsonl") if '"train"' in l]
     assert len(train_lines) == teacher_steps  # log_every_steps=1: no new training lines
     # A teacher given by checkpoint path is loaded from there.
@@ -147,7 +154,37 @@ def test_kd_end_to_end_and_teacher_reuse(tmp_path):
     loaded = kd.run(config, tmp_path / "second")
     assert loaded["teacher"]["checkpoint"] == str(tmp_path / "teacher")
     assert not (tmp_path / "second" / "teacher").exists()
-    assert mtime > 0
+
+
+def test_one_teacher_per_checkpoint_on_every_path(tmp_path):
+    """teacher.select picks the same checkpoint whether the teacher is trained in the run,
+    reused from workdir/teacher or loaded by teacher.checkpoint; best and last differ here."""
+    config = config_lib.synthetic(load_config("kd"), steps=4)
+    config.teacher.name = "resnet8"
+    # lr 1.0 on synthetic data: validation top-1 peaks at step 3 of 4 (so best != last)
+    config.teacher.optim = config_lib.optim(epochs=1, batch_size=64, lr=1.0)
+    config.train.eval_every_steps = 1
+    ctx = common.setup(config, tmp_path)
+    by_path = {}
+    for select in ("best", "last"):
+        config.teacher.select, config.teacher.checkpoint = select, ""
+        _, trained, info = common.obtain_teacher(ctx)   # trained (first), then reused
+        config.teacher.checkpoint = str(tmp_path / "teacher")
+        _, loaded, loaded_info = common.obtain_teacher(ctx)
+        assert info["step"] == loaded_info["step"] and info["select"] == select
+        for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(loaded), strict=True):
+            np.testing.assert_array_equal(a, b)
+        by_path[select] = (info["step"], trained)
+    meta, best_step = ckpt_lib.load_meta(tmp_path / "teacher", prefer=ckpt_lib.BEST_DIR)
+    assert by_path["best"][0] == best_step < 4 == by_path["last"][0]  # the run's checkpoints
+    want = ckpt_lib.load_variables(tmp_path / "teacher", prefer=ckpt_lib.LAST_DIR)[1]
+    for a, b in zip(jax.tree.leaves(by_path["last"][1]), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(jax.tree.leaves(by_path["best"][1])[0],
+                              jax.tree.leaves(by_path["last"][1])[0])
+    config.teacher.select = "first"
+    with pytest.raises(ValueError, match="teacher.select='first'; valid: last, best"):
+        common.obtain_teacher(ctx)
 
 
 def test_teacher_of_other_dataset_is_rejected(tmp_path):

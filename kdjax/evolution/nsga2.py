@@ -17,7 +17,8 @@ Functions
 ``dominates``, ``non_dominated_rank``, ``crowding_distance``,
 ``binary_tournament``, ``uniform_crossover``, ``one_point_crossover``,
 ``bit_flip_mutation``, ``repair``, ``survival``, ``hypervolume_2d``,
-``initial_population``, ``generation``.
+``initial_population``, ``offspring``, ``generation``, ``archive_init``,
+``archive_update``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ __all__ = [
     "survival",
     "hypervolume_2d",
     "initial_population",
+    "offspring",
     "generation",
+    "archive_init",
+    "archive_update",
 ]
 
 
@@ -331,6 +335,33 @@ def initial_population(key: jax.Array, pop_size: int, num_genes: int,
 # --------------------------------------------------------------------------
 
 
+def offspring(key: jax.Array, genomes: jax.Array, objectives: jax.Array,
+              evaluate_fn: Callable[..., Any], *,
+              eval_args: tuple = (),
+              group_index: Optional[ArrayLike] = None,
+              num_groups: Optional[int] = None,
+              crossover_fn: Callable = uniform_crossover,
+              crossover_prob: float = 0.9,
+              mutation_rate: Optional[float] = None) -> tuple[jax.Array, jax.Array]:
+    """Steps 1-5 of :func:`generation`: ``P`` evaluated children of the population.
+
+    Returns ``(children bool [P, G], child_objectives [P, M])``; arguments as in
+    :func:`generation`.
+    """
+    pop = genomes.shape[0]
+    k_sel, k_cx, k_do, k_mut, k_rep = jax.random.split(key, 5)
+    ranks = non_dominated_rank(objectives)
+    crowding = crowding_distance(objectives, ranks)
+    parents = binary_tournament(k_sel, ranks, crowding, 2 * pop)
+    first, second = genomes[parents[:pop]], genomes[parents[pop:]]
+    crossed = jax.random.bernoulli(k_do, crossover_prob, (pop, 1))
+    children = jnp.where(crossed, crossover_fn(k_cx, first, second), first)
+    children = bit_flip_mutation(k_mut, children, mutation_rate)
+    if group_index is not None:
+        children = repair(children, group_index, num_groups, key=k_rep)
+    return children, jnp.asarray(evaluate_fn(children, *eval_args), objectives.dtype)
+
+
 def generation(key: jax.Array, genomes: jax.Array, objectives: jax.Array,
                evaluate_fn: Callable[..., Any], *,
                eval_args: tuple = (),
@@ -338,7 +369,8 @@ def generation(key: jax.Array, genomes: jax.Array, objectives: jax.Array,
                num_groups: Optional[int] = None,
                crossover_fn: Callable = uniform_crossover,
                crossover_prob: float = 0.9,
-               mutation_rate: Optional[float] = None) -> tuple[jax.Array, jax.Array]:
+               mutation_rate: Optional[float] = None,
+               archive: Optional[tuple] = None) -> tuple:
     """One NSGA-II generation with a fixed population size ``P``.
 
     1. crowded binary tournaments pick ``2P`` parents -> pairs ``(a_n, b_n)``;
@@ -364,22 +396,66 @@ def generation(key: jax.Array, genomes: jax.Array, objectives: jax.Array,
       crossover_fn: ``(key, a, b) -> child``, e.g. ``uniform_crossover``.
       crossover_prob: probability that a pair is crossed over.
       mutation_rate: per-bit flip probability; default ``1 / G``.
+      archive: optional external archive ``(genomes, objectives, valid)`` (see
+        :func:`archive_update`), updated with the children.
     Returns:
-      ``(genomes [P, G], objectives [P, M])`` of the next generation.
+      ``(genomes [P, G], objectives [P, M])`` of the next generation, and the
+      updated archive as a third element when ``archive`` is given.
     """
-    pop = genomes.shape[0]
-    k_sel, k_cx, k_do, k_mut, k_rep = jax.random.split(key, 5)
-    ranks = non_dominated_rank(objectives)
-    crowding = crowding_distance(objectives, ranks)
-    parents = binary_tournament(k_sel, ranks, crowding, 2 * pop)
-    first, second = genomes[parents[:pop]], genomes[parents[pop:]]
-    crossed = jax.random.bernoulli(k_do, crossover_prob, (pop, 1))
-    children = jnp.where(crossed, crossover_fn(k_cx, first, second), first)
-    children = bit_flip_mutation(k_mut, children, mutation_rate)
-    if group_index is not None:
-        children = repair(children, group_index, num_groups, key=k_rep)
-    child_objectives = jnp.asarray(evaluate_fn(children, *eval_args), objectives.dtype)
+    children, child_objectives = offspring(
+        key, genomes, objectives, evaluate_fn, eval_args=eval_args,
+        group_index=group_index, num_groups=num_groups, crossover_fn=crossover_fn,
+        crossover_prob=crossover_prob, mutation_rate=mutation_rate)
     all_genomes = jnp.concatenate([genomes, children])
     all_objectives = jnp.concatenate([objectives, child_objectives])
-    keep = survival(all_objectives, pop)
-    return all_genomes[keep], all_objectives[keep]
+    keep = survival(all_objectives, genomes.shape[0])
+    if archive is None:
+        return all_genomes[keep], all_objectives[keep]
+    return (all_genomes[keep], all_objectives[keep],
+            archive_update(*archive, children, child_objectives))
+
+
+# --------------------------------------------------------------------------
+# External archive of non-dominated candidates
+# --------------------------------------------------------------------------
+
+
+def archive_init(capacity: int, num_genes: int, num_objectives: int,
+                 dtype=jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """An empty archive ``(genomes bool [A, G], objectives [A, M], valid bool [A])``."""
+    return (jnp.zeros((capacity, num_genes), bool),
+            jnp.zeros((capacity, num_objectives), dtype),
+            jnp.zeros((capacity,), bool))
+
+
+def archive_update(genomes: jax.Array, objectives: jax.Array, valid: jax.Array,
+                   new_genomes: jax.Array, new_objectives: ArrayLike
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Merge evaluated candidates into a fixed-capacity archive of non-dominated ones.
+
+    Over the ``A + N`` rows of (archive, new), a row is kept iff it is valid (new rows
+    always are), no valid row dominates it, and no earlier valid row has exactly the
+    same objectives (one representative per objective vector, the oldest). Kept rows
+    move to the front in their order (archive rows first); the first ``A`` are
+    returned. With ``A`` ≥ the number of candidates ever merged nothing is dropped,
+    so the archive is exactly the non-dominated set of every candidate seen, and the
+    region it dominates — hence its hypervolume — can only grow.
+
+    Args:
+      genomes, objectives, valid: the archive, ``[A, G]``, ``[A, M]``, ``[A]``.
+      new_genomes, new_objectives: ``[N, G]``, ``[N, M]`` (finite objectives).
+    Returns:
+      the updated archive ``(genomes [A, G], objectives [A, M], valid [A])``.
+    """
+    cap = genomes.shape[0]
+    all_genomes = jnp.concatenate([genomes, new_genomes])
+    all_objectives = jnp.concatenate([objectives, new_objectives.astype(objectives.dtype)])
+    live = jnp.concatenate([valid, jnp.ones((new_genomes.shape[0],), bool)])
+    num = live.shape[0]
+    dominated = jnp.any(dominates(all_objectives, all_objectives) & live[:, None], axis=0)
+    same = jnp.all(all_objectives[:, None, :] == all_objectives[None, :, :], axis=-1)
+    earlier = jnp.arange(num)[:, None] < jnp.arange(num)[None, :]
+    duplicate = jnp.any(same & earlier & live[:, None], axis=0)
+    keep = live & ~dominated & ~duplicate
+    order = jnp.argsort(~keep, stable=True)[:cap]
+    return all_genomes[order], all_objectives[order], keep[order]

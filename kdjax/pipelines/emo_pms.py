@@ -6,13 +6,19 @@ Stages (artefacts under ``workdir/<method>/``):
   split       — cut at ``emo.boundaries`` (default: the stage taps) into sub-networks
                 (kdjax.pruning.split); one feature selector (GAP + Dense) per boundary
                 trained on the frozen unpruned features of the training split;
+  data        — the splits are carved as the NETWORK's own (its recorded data seed; a
+                network trained with other data settings is refused); the search's
+                held-out data (fitness, impairment) is the validation split, or without
+                one ``emo.holdout_size`` examples carved from the training split, and the
+                search's own training (selectors, constraints, Taylor) uses the rest;
   search      — per sub-network NSGA-II over channel bits; objectives (minimised) =
                 (retained MACs ratio of the sub-network, selector CE on its output
-                computed from the UNPRUNED input features of a fixed VALIDATION batch);
-                the whole population is evaluated in one vmapped, jitted call;
-  constraint  — K candidates per sub-network, spread over its final Pareto front, each
+                computed from the UNPRUNED input features of a fixed HELD-OUT batch);
+                the whole population is evaluated in one vmapped, jitted call; an
+                external archive keeps every non-dominated candidate ever evaluated;
+  constraint  — K candidates per sub-network, spread over its archived Pareto front, each
                 trained so that g_s(f_{s-1}) ≈ f_s (MSE, unpruned f), all K at once (vmap);
-  GPIR        — Δ_s(p) = validation CE increase of the full network with only sub-network
+  GPIR        — Δ_s(p) = held-out CE increase of the full network with only sub-network
                 s replaced by candidate p; one candidate per sub-network with the
                 whole-network retained MACs ratio ≤ ``target_flops_ratio`` at min Σ Δ;
   finetune    — the assembled network is compacted and fine-tuned (CE, or KD from the
@@ -30,6 +36,7 @@ Writes pareto_<subnet>.json/.png, hypervolume.json/.png, scheme.json, results.js
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -41,7 +48,7 @@ import numpy as np
 import optax
 
 from kdjax import losses, models
-from kdjax.data import pipeline as data_pipeline
+from kdjax.data import Splits, load_splits, pipeline as data_pipeline, split_indices
 from kdjax.evolution import nsga2
 from kdjax.pipelines import common
 from kdjax.pruning import compact as compact_lib
@@ -50,8 +57,6 @@ from kdjax.pruning import masks as masks_lib
 from kdjax.pruning import saliency
 from kdjax.pruning import split as split_lib
 from kdjax.train import files
-from kdjax.train import loop
-from kdjax.train.state import make_eval_step
 
 log = logging.getLogger("kdjax")
 
@@ -109,6 +114,11 @@ def with_params(variables, params):
     return {**variables, "params": {**variables["params"], **params}}
 
 
+def top1(evaluation) -> float | None:
+    """Top-1 of an evaluation dict, None for a missing split."""
+    return None if evaluation is None else evaluation["top1"]
+
+
 def take(tree, i):
     """Entry ``i`` of a pytree stacked on a leading axis."""
     return jax.tree.map(lambda a: a[i], tree)
@@ -119,9 +129,62 @@ def take(tree, i):
 # --------------------------------------------------------------------------
 
 
+DATA_KEYS = ("name", "validation_size", "train_size")
+
+
+def network_context(ctx, teacher_results: dict):
+    """``ctx`` with the splits carved exactly as for the network's own training: its
+    recorded data seed (teacher_results['data_seed']) instead of ``config.seed``, so a
+    validation split never holds an example the network trained on. A network trained
+    with other data settings (name, validation_size, train_size) is refused; an imported
+    network (its checkpoint records no kdjax data settings, e.g. kdjax.convert_torch's)
+    is taken as is, with a warning that it may have trained on any training example."""
+    if teacher_results.get("data_seed") is None:
+        log.warning("[emo_pms] the network's checkpoint records no data settings "
+                    "(imported?): it may have trained on any example of the training "
+                    "split, held-out ones included")
+        return ctx
+    recorded, data = teacher_results.get("data") or {}, ctx.config.data
+    differ = [k for k in DATA_KEYS if recorded.get(k) != data[k]]
+    if differ:
+        raise ValueError(
+            "the network was trained with other data settings than this run's ("
+            + "; ".join(f"data.{k}: network {recorded.get(k)!r}, config {data[k]!r}"
+                        for k in differ)
+            + "); its held-out examples would not be held out. Use the network's settings.")
+    seed = teacher_results["data_seed"]
+    if seed == ctx.config.seed:
+        return ctx
+    log.info("[emo_pms] splits carved with the network's data seed %d (config.seed %d)",
+             seed, ctx.config.seed)
+    return dataclasses.replace(ctx, splits=load_splits(data, seed=seed))
+
+
+def search_context(ctx, data_seed: int):
+    """``ctx`` whose splits are the search's: validation = the held-out examples of the
+    fitness and the impairments, train = what the selectors, constraint training and
+    Taylor scores use. With a validation split: unchanged. Without (the paper presets):
+    ``emo.holdout_size`` examples carved from the training split (seeded with the
+    network's ``data_seed``) are held out, the rest is the search's training data."""
+    splits = ctx.splits
+    if splits.validation is not None:
+        return ctx
+    size = int(ctx.config.emo.holdout_size)
+    if size <= 0:
+        raise ValueError("emo_pms needs held-out data for fitness and impairment: set "
+                         "emo.holdout_size > 0 (or data.validation_size > 0); they are "
+                         "never measured on the test split")
+    rest, held = split_indices(len(splits.train), size, 0, data_seed)
+    log.info("[emo_pms] search: %d held-out training examples (fitness, impairment), %d "
+             "for selectors / constraint training / Taylor", len(held), len(rest))
+    return dataclasses.replace(ctx, splits=Splits(splits.train.subset(rest),
+                                                  splits.train.subset(held), splits.test,
+                                                  splits.info))
+
+
 def validation_arrays(ctx, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``count`` (0: all) validation examples, normalised: (images, labels).
-    Fitness and impairment never see the test split."""
+    """The first ``count`` (0: all) held-out examples (``search_context``), normalised:
+    (images, labels). Fitness and impairment never see the test split."""
     source = ctx.splits.validation
     if source is None:
         raise ValueError("emo_pms needs a validation split (data.validation_size > 0): "
@@ -214,12 +277,22 @@ _generation = jax.jit(nsga2.generation,
                       static_argnames=("evaluate_fn", "num_groups", "crossover_fn"))
 
 
+def archived(archive) -> tuple[np.ndarray, np.ndarray]:
+    """(genomes [A', G], objectives [A', 2]) of the valid archive rows."""
+    genomes, objectives, valid = (np.asarray(a) for a in archive)
+    return genomes[valid], objectives[valid]
+
+
 def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generations: int,
                  label: str, target_ratio: float) -> dict:
-    """NSGA-II over the channel bits of ``groups``; logs one line per generation.
+    """NSGA-II over the channel bits of ``groups``, with an external archive of every
+    non-dominated candidate evaluated (nsga2.archive_update, capacity = all evaluations,
+    so nothing is dropped); logs one line per generation.
 
-    Returns {'genomes' [P, G], 'objectives' [P, 2], 'hypervolume' [generations + 1],
-    'reference' [2], 'evaluated' [(1 + generations)·P, 2], 'evaluations', 'seconds'}.
+    Returns {'genomes' [A, G], 'objectives' [A, 2] (the archive: the non-dominated
+    candidates of the whole search), 'population' [P, 2] (final population objectives),
+    'hypervolume' [generations + 1] (of the archive: never decreasing), 'reference' [2],
+    'evaluated' [(1 + generations)·P, 2], 'evaluations', 'seconds'}.
     The hypervolume reference is fixed from the initial population
     (split.reference_point: (1.05, 1.1 · max initial loss)).
     """
@@ -237,7 +310,10 @@ def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generati
     objectives = evaluate_jit(genomes, *eval_args)
     evaluated = [np.asarray(objectives)]
     reference = split_lib.reference_point(evaluated[0])
-    history = [float(nsga2.hypervolume_2d(objectives, reference))]
+    archive = nsga2.archive_update(
+        *nsga2.archive_init(emo.population * (generations + 1), num_genes, 2),
+        genomes, objectives)
+    history = [float(nsga2.hypervolume_2d(archived(archive)[1], reference))]
     log.info("[emo_pms] %s: %d genes, %d groups, population %d, initial hv %.4f "
              "(reference %s, first call incl. compile %.1fs)", label, num_genes, len(groups),
              emo.population, history[0], np.round(reference, 4).tolist(),
@@ -247,36 +323,34 @@ def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generati
     for gen in range(1, generations + 1):
         key, k_gen = jax.random.split(key)
         t0 = time.perf_counter()
-        genomes, objectives = _generation(
+        genomes, objectives, archive = _generation(
             k_gen, genomes, objectives, evaluate, eval_args=eval_args,
             group_index=group_index, num_groups=len(groups),
             crossover_fn=CROSSOVERS[emo.crossover], crossover_prob=float(emo.crossover_prob),
-            mutation_rate=rate)
+            mutation_rate=rate, archive=archive)
         objectives.block_until_ready()
         elapsed = time.perf_counter() - t0
         seconds += elapsed
         evaluated.append(np.asarray(objectives))
-        history.append(float(nsga2.hypervolume_2d(objectives, reference)))
-        obj = np.asarray(objectives)
+        obj = archived(archive)[1]
+        history.append(float(nsga2.hypervolume_2d(obj, reference)))
         ok = obj[:, 0] <= target_ratio
         best = f"{obj[ok, 1].min():.4f}" if ok.any() else "none"
         log.info("[emo_pms] %s gen %d/%d: hv %.4f, best loss at ratio <= %.2f: %s, "
                  "%.1f evals/s", label, gen, generations, history[-1], target_ratio, best,
                  emo.population / elapsed)
-    return {"genomes": np.asarray(genomes), "objectives": np.asarray(objectives),
-            "hypervolume": history, "reference": reference.tolist(),
+    front_genomes, front = archived(archive)
+    return {"genomes": front_genomes, "objectives": front,
+            "population": np.asarray(objectives), "hypervolume": history,
+            "reference": reference.tolist(),
             "evaluated": np.concatenate(evaluated),
             "evaluations": emo.population * (generations + 1), "seconds": seconds}
 
 
 def pareto_candidates(search: dict, k: int) -> np.ndarray:
-    """Indices (into the final population) of ≤ k distinct rank-0 genomes spread over
-    the MACs axis (split.spread_indices)."""
-    ranks = np.asarray(nsga2.non_dominated_rank(jnp.asarray(search["objectives"])))
-    front = np.flatnonzero(ranks == 0)
-    _, first = np.unique(search["genomes"][front], axis=0, return_index=True)
-    front = front[np.sort(first)]
-    return front[split_lib.spread_indices(search["objectives"][front, 0], k)]
+    """Indices (into the archive — every row non-dominated, one per objective vector) of
+    ≤ k candidates spread over the MACs axis (split.spread_indices)."""
+    return split_lib.spread_indices(search["objectives"][:, 0], k)
 
 
 # --------------------------------------------------------------------------
@@ -479,7 +553,7 @@ def search_whole_nsga2(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
              for g in search["genomes"]]
     ok = np.flatnonzero(np.asarray(exact) <= net.budget)
     if not len(ok):
-        raise ValueError(f"whole_nsga2: no individual of the final population meets "
+        raise ValueError(f"whole_nsga2: no archived candidate meets "
                          f"target_flops_ratio={config.target_flops_ratio} (smallest ratio "
                          f"{obj[:, 0].min():.3f}); lower emo.init_keep_range or add generations")
     best = int(ok[np.argmin(obj[ok, 1])])
@@ -539,23 +613,23 @@ def _plt():
 
 
 def write_pareto(out_dir, name: str, search: dict) -> None:
-    """pareto_<name>.json (final population, front, candidates, all evaluations) and .png."""
-    obj = search["objectives"]
-    ranks = np.asarray(nsga2.non_dominated_rank(jnp.asarray(obj)))
-    front = np.flatnonzero(ranks == 0)
+    """pareto_<name>.json (final population, archived front, candidates, all evaluations)
+    and .png."""
+    obj, population = search["objectives"], search["population"]
     files.save_json(out_dir / f"pareto_{name}.json", {
         "objectives": ["retained_macs_ratio", "selector_loss"],
-        "population": obj.tolist(), "rank": ranks.tolist(), "front": front.tolist(),
-        "front_genomes": [np.flatnonzero(~g).tolist() for g in search["genomes"][front]],
+        "population": population.tolist(), "front": obj.tolist(),
+        "front_genomes": [np.flatnonzero(~g).tolist() for g in search["genomes"]],
         "candidates": np.asarray(search.get("candidates", [])).tolist(),
         "evaluated": search["evaluated"].tolist(), "reference": search["reference"]})
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
     ev = search["evaluated"]
     ax.scatter(ev[:, 0], ev[:, 1], s=6, c="0.75", label="evaluated")
-    ax.scatter(obj[:, 0], obj[:, 1], s=14, c="tab:blue", label="final population")
-    order = front[np.argsort(obj[front, 0])]
-    ax.plot(obj[order, 0], obj[order, 1], "o-", c="tab:red", ms=5, label="Pareto front")
+    ax.scatter(population[:, 0], population[:, 1], s=14, c="tab:blue",
+               label="final population")
+    order = np.argsort(obj[:, 0])
+    ax.plot(obj[order, 0], obj[order, 1], "o-", c="tab:red", ms=5, label="archived front")
     cand = np.asarray(search.get("candidates", []), int)
     if len(cand):
         ax.scatter(obj[cand, 0], obj[cand, 1], marker="x", s=60, c="k", label="candidates")
@@ -600,16 +674,6 @@ def scheme(net: Network, masks: dict, small_model, input_shape) -> dict:
 # --------------------------------------------------------------------------
 
 
-def evaluate_model(ctx, model, variables) -> dict:
-    """{'validation', 'test'}: top-1 / loss of a model (the trainer's sharded evaluation,
-    compiled once for both splits)."""
-    step = loop.compile_eval_step(make_eval_step(model), ctx.mesh)
-    return {split: loop.evaluate(step, variables, source, ctx.config.data,
-                                 ctx.config.train.eval_batch_size, ctx.mesh)
-            for split, source in (("validation", ctx.splits.validation),
-                                  ("test", ctx.splits.test))}
-
-
 def prepare(ctx) -> tuple[Network, dict]:
     """The unpruned network (trained or loaded), its cost table and the MACs budget."""
     ratio = float(ctx.config.target_flops_ratio)
@@ -633,17 +697,22 @@ def run(config, workdir) -> dict:
     if emo.crossover not in CROSSOVERS:
         raise ValueError(f"unknown emo.crossover {emo.crossover!r}; valid: {sorted(CROSSOVERS)}")
     ctx = common.setup(config, workdir)
+    if emo.finetune_kd:  # a bad distill method or tap fails before the search
+        unpruned = models.get_model(config.teacher.name, ctx.num_classes)
+        common.make_method(ctx, unpruned, unpruned)
     net, teacher_results = prepare(ctx)
+    ctx = network_context(ctx, teacher_results)
+    search_ctx = search_context(ctx, teacher_results["data_seed"])
     out_dir = files.make_dirs(ctx.workdir / emo.method)
     t0 = time.perf_counter()
     if emo.method == "emo_pms":
-        masks, params, info = search_emo_pms(ctx, net, out_dir)
+        masks, params, info = search_emo_pms(search_ctx, net, out_dir)
     elif emo.method == "whole_nsga2":
-        masks, params, info = search_whole_nsga2(ctx, net, out_dir)
+        masks, params, info = search_whole_nsga2(search_ctx, net, out_dir)
     elif emo.method in ("l1", "taylor"):
-        masks, params, info = search_saliency(ctx, net, emo.method)
+        masks, params, info = search_saliency(search_ctx, net, emo.method)
     else:
-        masks, params, info = search_uniform(ctx, net)
+        masks, params, info = search_uniform(search_ctx, net)
     info["seconds"] = time.perf_counter() - t0
     return finish(ctx, net, masks, with_params(net.variables, params), info, teacher_results,
                   out_dir)
@@ -666,28 +735,29 @@ def finish(ctx, net: Network, masks: dict, variables: dict, info: dict,
     log.info("[emo_pms] %s: MACs %.2fM -> %.2fM (ratio %.4f, target %.2f), params %d -> %d",
              emo.method, dense["macs"] / 1e6, pruned["macs"] / 1e6, ratio,
              config.target_flops_ratio, dense["params"], pruned["params"])
-    unpruned = evaluate_model(ctx, net.model, net.variables)
-    before = evaluate_model(ctx, small_model, small_vars)
-    kd = emo.finetune_kd
-    objective = (common.kd_objective(emo.kd_temperature, emo.kd_ce_weight, emo.kd_weight)
-                 if kd else common.supervised_objective)
+    unpruned = common.evaluate_model(ctx, net.model, net.variables)
+    before = common.evaluate_model(ctx, small_model, small_vars)
     name = teacher_results.get("model", config.teacher.name)
-    _, finetune = common.run_stage(
-        ctx, f"{emo.method}/finetune", name, emo.finetune, objective,
-        teacher=(net.model, net.variables) if kd else None, widths=kept, model=small_model,
-        initial_variables=small_vars)
+    stage = dict(widths=kept, model=small_model, initial_variables=small_vars)
+    if emo.finetune_kd:  # distil from the unpruned network with config.distill's method
+        method = common.make_method(ctx, small_model, net.model)
+        _, finetune = common.distill_stage(ctx, f"{emo.method}/finetune", name, emo.finetune,
+                                           method, (net.model, net.variables), **stage)
+    else:
+        _, finetune = common.run_stage(ctx, f"{emo.method}/finetune", name, emo.finetune,
+                                       common.supervised_objective, **stage)
     results = {
         "method": emo.method, "model": name, "target_flops_ratio": config.target_flops_ratio,
         "unpruned": {"macs": dense["macs"], "params": dense["params"],
                      "test_top1": unpruned["test"]["top1"],
-                     "validation_top1": unpruned["validation"]["top1"]},
+                     "validation_top1": top1(unpruned["validation"])},
         "pruned": {"macs": pruned["macs"], "params": pruned["params"],
                    "retained_macs_ratio": ratio,
                    "macs_removed_pct": 100.0 * (1 - ratio),
                    "params_removed_pct": 100.0 * (1 - pruned["params"] / dense["params"]),
                    "widths": kept},
         "before_finetune": {"test_top1": before["test"]["top1"],
-                            "validation_top1": before["validation"]["top1"]},
+                            "validation_top1": top1(before["validation"])},
         "after_finetune": {"test_top1": finetune["test_top1_last"],
                            "test_top1_at_best_val": finetune["test_top1_at_best_val"]},
         "finetune": finetune, "teacher": teacher_results,

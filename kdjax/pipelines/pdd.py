@@ -2,13 +2,20 @@
 
 Stages (each resumable, under ``workdir/<stage>/``):
   teacher   — pre-trained teacher (``config.teacher.checkpoint``) or trained first;
-  kd        — optional: the unpruned student trained with the same KD loss, for the
-              "unpruned student with KD vs pruned" comparison (``pdd.kd_baseline``);
-  masks     — stage 1: KD while learning one differentiable mask vector per masked group
-              (kdjax.models.learned_masks); the masks of the checkpoint with the best
-              VALIDATION accuracy are kept (never selected on the test split);
+  kd        — optional: the unpruned student trained with the same distillation loss, for
+              the "unpruned student with KD vs pruned" comparison (``pdd.kd_baseline``);
+  masks     — stage 1: distillation (``config.distill``: PDD's KD by default, any
+              ``kdjax.distill`` method) while learning one differentiable mask vector per
+              masked group (kdjax.models.learned_masks); the masks of the checkpoint with
+              the best VALIDATION accuracy are kept (never selected on the test split) —
+              with no validation split (``data.validation_size = 0``, the paper presets)
+              those of the LAST checkpoint; which one is logged and recorded
+              (``masks_checkpoint``);
   finetune  — stage 2: the student is physically compacted with those masks
-              (kdjax.pruning.compact) and fine-tuned (CE, or KD with ``pdd.finetune_kd``).
+              (kdjax.pruning.compact), evaluated as is (``before_finetune``), and
+              fine-tuned (CE, or the distillation loss with ``pdd.finetune_kd``) from
+              exactly those variables.
+A method with an initialisation stage (fitnet, ab, ft, fsp) runs ``<stage>_init`` first.
 Writes ``workdir/summary.json`` and ``workdir/summary.md`` (reductions, widths table).
 """
 
@@ -32,32 +39,44 @@ log = logging.getLogger("kdjax")
 def masked_groups(model, placement: str) -> tuple[str, ...]:
     """Groups that get a learned mask.
 
-    placement "inner": each residual block's inner channels (PDD's ResNet placement — the
-    residual streams and the stem are not masked); "all": every group (PDD's VGG
-    placement: after every conv-BN-ReLU).
+    placement "inner": each residual block's inner channels (after conv1-BN-ReLU; the
+    residual streams and the stem are not masked — our reconstruction, the default);
+    "output": each residual stage's stream, i.e. after every block's add + ReLU (the
+    authors' site) with one mask shared by the blocks of a stage, so the net compacts
+    exactly without zero-padded shortcuts (the coupled stem output shares stage 1's
+    mask); "all": every group (PDD's VGG placement: after every conv-BN-ReLU).
     """
     groups = models.mask_groups(model)
     if placement == "all":
         return tuple(groups)
-    if placement == "inner":
-        inner = tuple(g for g in groups if ".block" in g)
-        if not inner:
-            raise ValueError("pdd.placement='inner' needs a residual model; use 'all' for VGG")
-        return inner
-    raise ValueError(f"unknown pdd.placement {placement!r}; valid: 'inner', 'all'")
+    residual = {"inner": tuple(g for g in groups if ".block" in g),
+                "output": tuple(g for g in groups if g.startswith("stage") and "." not in g)}
+    if placement not in residual:
+        raise ValueError(f"unknown pdd.placement {placement!r}; valid: 'inner', 'output', "
+                         f"'all'")
+    if not residual["inner"]:
+        raise ValueError(f"pdd.placement={placement!r} needs a residual model; use 'all' "
+                         f"for VGG")
+    return residual[placement]
 
 
-def with_flops_penalty(objective, target: float, weight: float):
-    """Extension, not part of PDD: loss + weight · max(0, r − target), where r =
-    features["macs_ratio"] is the masked/unmasked MACs ratio of LearnedMasks."""
+def fallback_groups(params: dict) -> list[str]:
+    """Learned groups whose logits are all ≤ 0: binary_masks keeps their largest-logit
+    channel, so there the compacted net differs from the stage-1 net (which zeroed the
+    whole group)."""
+    return sorted(g for g, m in params["mask_logits"].items() if not bool((m > 0).any()))
 
-    def penalised(logits, features, batch, teacher_logits, opt_state):
-        loss, metrics, extra = objective(logits, features, batch, teacher_logits, opt_state)
-        ratio = features["macs_ratio"]
-        loss = loss + weight * jax.nn.relu(ratio - target)
-        return loss, {**metrics, "loss": loss, "macs_ratio": ratio}, extra
 
-    return penalised
+def flops_penalty(target: float, weight: float):
+    """Extension, not part of PDD: a regulariser (for ``distill.Objective``) adding
+    weight · max(0, r − target), where r = features["macs_ratio"] is the masked/unmasked
+    MACs ratio of LearnedMasks; logs r as "macs_ratio"."""
+
+    def penalty(student):
+        ratio = student.features["macs_ratio"]
+        return weight * jax.nn.relu(ratio - target), {"macs_ratio": ratio}
+
+    return penalty
 
 
 def widths_table(groups: dict[str, int], kept: dict[str, int]) -> str:
@@ -80,44 +99,64 @@ def run(config, workdir) -> dict:
     """Teacher → (KD baseline) → KD with learned masks → compact → fine-tune."""
     ctx = common.setup(config, workdir)
     pdd = config.pdd
-    teacher_model, teacher_vars, teacher_results = common.obtain_teacher(ctx)
     student = models.get_model(config.student.name, ctx.num_classes)
-    common.check_pair(teacher_model, student, ctx)
-    teacher = (teacher_model, teacher_vars)
-    kd_objective = common.kd_objective(pdd.temperature, pdd.ce_weight, pdd.kd_weight)
+    teacher, teacher_results, method = common.teacher_and_method(ctx, student)
     results = {"teacher": teacher_results}
     if pdd.kd_baseline:
-        _, results["kd"] = common.run_stage(ctx, "kd", config.student.name, pdd.kd_optim,
-                                            kd_objective, teacher=teacher)
+        _, results["kd"] = common.distill_stage(ctx, "kd", config.student.name, pdd.kd_optim,
+                                                method, teacher)
 
     table = cost_lib.cost_table(student, ctx.input_shape) if pdd.flops_target > 0 else None
     wrapped = LearnedMasks(model=student, learned=masked_groups(student, pdd.placement),
                            init_scale=pdd.mask_init_scale, cost_table=table)
-    stage1_objective = kd_objective
-    if pdd.flops_target > 0:
-        stage1_objective = with_flops_penalty(kd_objective, pdd.flops_target, pdd.flops_weight)
-    _, results["masks"] = common.run_stage(ctx, "masks", config.student.name, pdd.stage1,
-                                           stage1_objective, teacher=teacher, model=wrapped)
-    # The masks of the best-on-validation checkpoint of stage 1.
-    _, best = ckpt_lib.load_variables(ctx.workdir / "masks", prefer=ckpt_lib.BEST_DIR)
+    penalty = (flops_penalty(pdd.flops_target, pdd.flops_weight) if pdd.flops_target > 0
+               else None)
+    _, results["masks"] = common.distill_stage(ctx, "masks", config.student.name, pdd.stage1,
+                                               method, teacher, model=wrapped,
+                                               regularizer=penalty)
+    best, selection = selected_masks(ctx)
     groups = models.mask_groups(student)
     masks = binary_masks(best["params"], groups)
+    fallback = fallback_groups(best["params"])
+    if fallback:
+        log.warning("[pdd] every mask logit <= 0 in %s: their largest-logit channel is kept, "
+                    "so the compacted net differs from the stage-1 net there",
+                    fallback)
     inner = {"params": best["params"]["model"], "batch_stats": best["batch_stats"]["model"]}
     small_model, small_vars = compact_lib.compact(student, inner, masks)
     kept = {g: int(round(float(masks[g].sum()))) for g in groups}
     log.info("[pdd] widths found:\n%s", widths_table(groups, kept))
+    before = common.evaluate_model(ctx, small_model, small_vars)
+    log.info("[pdd] compacted net before stage 2: %s", before)
+    compaction = {"masks_checkpoint": selection, "fallback_groups": fallback,
+                  "before_finetune": before}
 
-    finetune_objective = kd_objective if pdd.finetune_kd else common.supervised_objective
-    _, results["finetune"] = common.run_stage(
-        ctx, "finetune", config.student.name, pdd.stage2, finetune_objective,
-        teacher=teacher if pdd.finetune_kd else None, widths=kept, model=small_model,
-        initial_variables=small_vars)
+    finetune = dict(widths=kept, model=small_model, initial_variables=small_vars)
+    if pdd.finetune_kd:
+        _, results["finetune"] = common.distill_stage(
+            ctx, "finetune", config.student.name, pdd.stage2, method, teacher, **finetune)
+    else:
+        _, results["finetune"] = common.run_stage(
+            ctx, "finetune", config.student.name, pdd.stage2, common.supervised_objective,
+            **finetune)
 
-    summary = summarize(config, ctx, student, small_model, groups, kept, results)
+    summary = {**summarize(config, ctx, student, small_model, groups, kept, results),
+               **compaction}
     files.save_json(ctx.workdir / "summary.json", summary)
     files.write_text(ctx.workdir / "summary.md", summary_markdown(summary, groups, kept))
     print(summary_markdown(summary, groups, kept), flush=True)
     return summary
+
+
+def selected_masks(ctx) -> tuple[dict, dict]:
+    """Stage-1 variables whose masks are kept, and {'rule', 'step'}: the best-on-validation
+    checkpoint, or the last one when there is no validation split."""
+    select = ckpt_lib.BEST_DIR if ctx.splits.validation is not None else ckpt_lib.LAST_DIR
+    rule = "best_validation" if select == ckpt_lib.BEST_DIR else "last (no validation split)"
+    _, step = ckpt_lib.load_meta(ctx.workdir / "masks", prefer=select)
+    _, variables = ckpt_lib.load_variables(ctx.workdir / "masks", prefer=select)
+    log.info("[pdd] masks from the %s stage-1 checkpoint, step %d", rule, step)
+    return variables, {"rule": rule, "step": step}
 
 
 def summarize(config, ctx, student, small_model, groups, kept, results) -> dict:
@@ -160,6 +199,9 @@ def summary_markdown(summary: dict, groups, kept) -> str:
     lines.append(f"| pruned (PDD) | {summary['pruned_test_top1']:.2f} | "
                  f"{summary['pruned_cost']['macs'] / 1e6:.2f}M | "
                  f"{summary['pruned_cost']['params']:,} |")
+    before = summary["before_finetune"]
+    lines += ["", "Compacted net before stage 2: " + ", ".join(
+        f"{split} top-1 {r['top1']:.2f}" for split, r in before.items() if r) + "."]
     lines += ["", f"MACs removed {red['macs_removed_pct']:.2f} %, params removed "
               f"{red['params_removed_pct']:.2f} % (vs the unpruned student)."]
     if "reduction_vs_standard_resnet20" in summary:

@@ -63,6 +63,7 @@ RESUME_FREE_KEYS = frozenset({
     "train.num_devices", "train.distributed", "train.coordinator_address",
     "train.num_processes", "train.process_id", "train.max_steps",
     "train.allow_config_change", "data.num_workers", "data.data_dir",
+    "teacher.select",  # which checkpoint is read afterwards; training is unaffected
 })
 
 log = logging.getLogger("kdjax")
@@ -448,6 +449,13 @@ def load_variables(path: epath.PathLike, prefer: str = BEST_DIR) -> tuple[dict, 
         raise CheckpointError(f"could not read the arrays of {where}: {err}") from err
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     return meta["model"], variables
+
+
+def load_meta(path: epath.PathLike, prefer: str = BEST_DIR) -> tuple[dict, int]:
+    """``(meta, step)`` of the checkpoint ``load_variables(path, prefer)`` reads; meta =
+    {'model': spec, 'config': the run's full config, 'progress': counters}."""
+    directory, step = find_checkpoint(path, prefer)
+    return _read_meta(_reader(directory), step, directory / str(step)), step
 
 
 def save_variables(stage_dir, spec: dict, variables: dict, config: dict) -> None:
