@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 
+from etils import epath
+
 from kdjax import models
 from kdjax.distill.methods import KD
 from kdjax.pipelines import common, kd
