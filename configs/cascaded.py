@@ -8,9 +8,12 @@ Paper setting, CIFAR-10 VGG-16 (the paper's MACs targets are not available to us
     python -m kdjax.main --config=configs/cascaded.py --workdir=/tmp/casc-vgg
 ResNet-50 on CIFAR-10 / on ImageNet:
     python -m kdjax.main --config=configs/cascaded.py:resnet50_cifar10 --workdir=/tmp/casc-r50
-    python -m kdjax.main --config=configs/cascaded.py:resnet50_imagenet --workdir=/tmp/casc-in
-  (ImageNet needs a prepared TFDS imagenet2012; the data layer has no resize /
-  random-resized-crop yet, so that preset trains on the stored images as they are.)
+  ImageNet (streamed from a prepared TFDS imagenet2012 at 224×224, random-resized crop +
+  flip, see README "ImageNet scale"), with torchvision's ResNet-50 as the unpruned network:
+    python -m kdjax.convert_torch --model=resnet50 --num_classes=1000 \
+        --input_shape=224,224,3 --state_dict=resnet50-0676ba61.pth --out=/tmp/teachers/r50
+    python -m kdjax.main --config=configs/cascaded.py:resnet50_imagenet --workdir=/tmp/casc-in \
+        --config.teacher.checkpoint=/tmp/teachers/r50 --config.train.compute_dtype=bfloat16
 Number of TAs (0 = the single teacher→student pair, the ablation):
     --config.cascade.num_tas=0|1|2|3     (levels' MACs targets: --config.cascade.spacing=linear)
 Baselines at the same MACs target and total epochs (one-shot pruning of the teacher + KD):
@@ -41,8 +44,6 @@ VGG_CIFAR10 = dict(epochs=160, batch_size=128, lr=0.1, milestones=(80, 120), wei
 RESNET_CIFAR10 = dict(epochs=164, batch_size=128, lr=0.1, milestones=(82, 123),
                       weight_decay=1e-4)
 RESNET_IMAGENET = dict(epochs=90, batch_size=256, lr=0.1, milestones=(30, 60), weight_decay=1e-4)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # preset: (model, teacher recipe, cascade recipe, target MACs ratio, events, epochs per event)
 PRESETS = {
@@ -85,20 +86,12 @@ def cascade_section(optim_cfg, num_events, prune_every_epochs, **overrides):
     return ml_collections.ConfigDict(section)
 
 
-def imagenet_data():
-    """TFDS imagenet2012 (prepared by the user), ImageNet normalisation, no augmentation."""
-    data = config_lib.cifar_data("cifar10")
-    data.name, data.augment, data.validation_size = "imagenet2012", "none", 10000
-    data.mean, data.std = IMAGENET_MEAN, IMAGENET_STD
-    return data
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = config_lib.base("cascaded")
     config.distill = distill_section()
     if arg in PRESETS:
         name, teacher_recipe, recipe, target, events, every = PRESETS[arg]
-        config.data = imagenet_data() if arg == "resnet50_imagenet" else \
+        config.data = config_lib.imagenet_data() if arg == "resnet50_imagenet" else \
             config_lib.cifar_data("cifar10")
         config.teacher = config_lib.teacher(name, optim_cfg=config_lib.optim(**teacher_recipe))
         config.target_flops_ratio = target

@@ -7,6 +7,12 @@ For each teacher→student pair it measures, after warm-up, the median images/s 
 on random data, with the same compiled steps the trainer uses. Achieved GFLOP/s
 uses the analytic MAC count of kdjax.pruning.cost with the usual convention:
 forward = 2·MACs FLOPs per image, a train step = 3× forward (backward ≈ 2× forward).
+``--dtype bfloat16`` runs the models in bfloat16 (train.compute_dtype); on a CPU that is
+only a correctness check (XLA:CPU emulates bf16 convolutions, usually slower than fp32).
+Images/s per device and model FLOPs utilisation (MFU: achieved FLOP/s per device over
+the spec-sheet peak of the device kind for the dtype, kdjax.train.throughput) are shown
+on devices in that table; elsewhere (CPU) "unknown device: MFU not shown", and the
+measured fp32 matmul peak stays the reference.
 
     python -m kdjax.bench                       # default pairs, batch 64, 32x32x3, 100 classes
     python -m kdjax.bench --pairs resnet56:resnet20 --devices 2 --repeats 30
@@ -57,6 +63,8 @@ def parse_args(argv):
                              "(kdjax.bench_torch; needs the torch extra) and print the ratio")
     parser.add_argument("--rounds", type=int, default=2,
                         help="with --compare-torch: kdjax/PyTorch alternations per row")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of the models (train.compute_dtype)")
     parser.add_argument("--peak-size", type=int, default=2048,
                         help="side of the square fp32 matmul that measures the peak")
     return parser.parse_args(argv)
@@ -118,7 +126,7 @@ def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[di
     from kdjax import config_lib, distill, models
     from kdjax.pipelines import common
     from kdjax.pruning.cost import model_cost
-    from kdjax.train import loop, optim, sharding
+    from kdjax.train import loop, optim, precision, sharding
     from kdjax.train.state import TrainState, make_train_step
 
     shape = tuple(args.image)
@@ -146,7 +154,8 @@ def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[di
         state = TrainState.create(variables, tx, jax.random.PRNGKey(2),
                                   *distill_vars)  # fresh: the state is donated
         state = sharding.replicate(state, mesh)
-        step = loop.compile_train_step(make_train_step(student, tx, objective, teacher_model), mesh)
+        step = loop.compile_train_step(make_train_step(student, tx, objective, teacher_model,
+                                                       compute_dtype=args.dtype), mesh)
         holder = [state]
 
         def run():
@@ -161,7 +170,8 @@ def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[di
         objective = distill.objective(method, method.default_ce_weight)
         return train_row(name, objective, teacher, 6 * macs_s + 2 * macs_t)
 
-    infer = jax.jit(lambda v, x: teacher.apply(v, x, train=False)[0])
+    infer = jax.jit(lambda v, x: precision.apply(teacher, v, x, jnp.dtype(args.dtype),
+                                                 train=False)[0])
     return [
         train_row(f"{student_name} CE train step", common.supervised_objective, None, 6 * macs_s),
         distill_row(f"KD {teacher_name} -> {student_name}", "kd"),
@@ -273,7 +283,7 @@ def main(argv=None) -> int:
         platform.configure_cpu_devices()
     import jax
 
-    from kdjax.train import sharding
+    from kdjax.train import sharding, throughput
 
     if args.conv_profile:
         conv_profile(args.conv_profile, args)
@@ -288,13 +298,20 @@ def main(argv=None) -> int:
     if args.compare_torch:
         compare_torch(pairs, args, mesh, peak)
         return 0
-    print("| step | img/s | GFLOP/s | % of matmul peak |\n|---|---|---|---|")
+    device_peak = throughput.peak_flops(jax.devices()[0].device_kind, args.dtype)
+    print(f"# {args.dtype}; spec-sheet peak of {jax.devices()[0].device_kind}: "
+          + (f"{device_peak / 1e12:.0f} TFLOP/s" if device_peak else throughput.UNKNOWN_DEVICE))
+    print("| step | img/s | img/s/device | GFLOP/s | % of matmul peak | MFU |\n"
+          "|---|---|---|---|---|---|")
     for teacher_name, student_name in pairs:
         for row in jax_workloads(teacher_name, student_name, args, mesh,
                                  distill_methods(args.distill_methods)):
             m = measure(row, args)
-            print(f"| {row['step']} | {m['img_per_s']:.1f} | {m['gflops']:.1f} | "
-                  f"{100 * m['gflops'] / peak:.0f} |", flush=True)
+            per_device = m["img_per_s"] / mesh.size
+            util = throughput.mfu(per_device, row["flops"], device_peak)
+            print(f"| {row['step']} | {m['img_per_s']:.1f} | {per_device:.1f} | "
+                  f"{m['gflops']:.1f} | {100 * m['gflops'] / peak:.0f} | "
+                  f"{'-' if util is None else f'{100 * util:.1f}%'} |", flush=True)
     return 0
 
 
