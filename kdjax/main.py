@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging as std_logging
-import os
-import pathlib
 import sys
 import tempfile
 
@@ -25,12 +23,14 @@ from kdjax import platform
 platform.configure_cpu_devices()  # before anything imports JAX
 
 from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from kdjax import models  # noqa: E402
 from kdjax.data import MissingDatasetError  # noqa: E402
 from kdjax.pipelines import cascaded, cross_layer, dynamic_kd, emo_pms, kd, pdd, supervised  # noqa: E402,E501
 from kdjax.train import checkpoint as ckpt_lib  # noqa: E402
+from kdjax.train import files  # noqa: E402
 from kdjax.train.loop import Preempted  # noqa: E402
 
 PIPELINES = {
@@ -103,17 +103,20 @@ def _items(tree: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def resolve_workdir(workdir: str | None) -> pathlib.Path:
-    """The absolute, writable directory for ``--workdir`` (created if absent).
+def resolve_workdir(workdir: str | None) -> epath.Path:
+    """The absolute, writable directory for ``--workdir`` (created if absent); a URI
+    such as ``gs://bucket/run`` is an object-store prefix (``files.as_path``).
 
-    Raises ValueError for an empty value, a path that is a file, or a directory that
-    cannot be created or written.
+    Raises ValueError for an empty value, a path that is a file, or a local directory
+    that cannot be created or written.
     """
     if not workdir or not workdir.strip():
         raise ValueError("--workdir is empty: give the directory for checkpoints and results")
-    path = pathlib.Path(os.path.abspath(os.path.expanduser(workdir)))
+    path = files.as_path(workdir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--workdir={path} is a file, not a directory")
+    if not files.is_local(path):
+        return path  # object stores have no directories to create or probe
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -141,7 +144,8 @@ def run(config, workdir: str | None) -> int:
         validate(config)
         path = resolve_workdir(workdir)
         log.info("workdir %s", path)
-        lock = (contextlib.nullcontext() if config.train.distributed  # see BUILD_NOTES
+        lock = (contextlib.nullcontext()  # see BUILD_NOTES
+                if config.train.distributed or not files.is_local(path)
                 else ckpt_lib.WorkdirLock(path))
         with lock:
             results = PIPELINES[config.pipeline](config, path)

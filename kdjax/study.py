@@ -285,7 +285,7 @@ def execute(run: Run) -> dict:
     """Run one cell's pipeline in this process (the ``python -m kdjax.main`` code path) and
     store what the study needs in ``study_result.json``; a finished run is not rerun."""
     from kdjax import main as kdjax_main
-    from kdjax.train import checkpoint as ckpt_lib
+    from kdjax.train import files
 
     done = run.dir / RESULT_FILE
     if done.exists():
@@ -294,7 +294,7 @@ def execute(run: Run) -> dict:
     log.info("[study] running %s in %s", run.label, run.dir)
     results = kdjax_main.PIPELINES[run.config.pipeline](run.config, str(run.dir))
     results = json.loads(json.dumps(results, default=str))
-    ckpt_lib.save_json(done, {"results": results})
+    files.save_json(done, {"results": results})
     import jax
 
     jax.clear_caches()  # compiled steps of this run's models are not needed again
@@ -425,7 +425,9 @@ def plot_comparison(comp, rows: list[dict], path: pathlib.Path) -> bool:
     ax.set_ylabel("test top-1 (%), last epoch")
     ax.set_title(f"{comp.name} (mean ± std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from kdjax.train import files
+
+    files.save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -453,7 +455,9 @@ def write_report(study, teacher: Run, runs: list[Run], table: dict, failures: li
     if failures:
         parts.append("## Failed runs\n\n" + "\n".join(f"- {f}" for f in failures) + "\n")
     text = "\n".join(parts)
-    (workdir / "study.md").write_text(text)
+    from kdjax.train import files
+
+    files.write_text(workdir / "study.md", text)
     return text
 
 

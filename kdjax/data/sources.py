@@ -13,10 +13,10 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 
 VALID_SOURCES = ("idx", "tfds", "tfds_stream", "synthetic")
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
@@ -88,10 +88,9 @@ class ArraySource:
 # IDX (MNIST format)
 
 
-def _open_maybe_gzip(path: Path):
-  with open(path, "rb") as f:
-    gzipped = f.read(2) == b"\x1f\x8b"
-  return gzip.open(path, "rb") if gzipped else open(path, "rb")
+def _read_maybe_gzip(path: epath.Path) -> bytes:
+  raw = path.read_bytes()
+  return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
 
 
 def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
@@ -100,10 +99,9 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
   Returns a uint8 array of the shape stored in the header. Raises ValueError on
   a wrong magic number, dimension count or data size.
   """
-  path = Path(path)
+  path = epath.Path(path)
   try:
-    with _open_maybe_gzip(path) as f:
-      raw = f.read()
+    raw = _read_maybe_gzip(path)
   except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
     raise ValueError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); "
                      f"{_repair_hint(path)}") from e
@@ -125,9 +123,9 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
   return np.frombuffer(raw, dtype=np.uint8, offset=header_end).reshape(shape)
 
 
-def _repair_hint(path: Path) -> str:
+def _repair_hint(path: epath.PathLike) -> str:
   """How to get an intact copy of a damaged IDX file."""
-  if path.parent == Path(DEFAULT_IDX_DIR):
+  if epath.Path(path).parent == epath.Path(DEFAULT_IDX_DIR):
     return f"reinstall the dataset with `{IDX_REINSTALL_HINT}`"
   return "replace it with an intact copy"
 
@@ -151,7 +149,7 @@ def idx_num_classes(name: str) -> int:
   return IDX_NUM_CLASSES[name]
 
 
-def _find_idx_file(directory: Path, stem: str) -> Path | None:
+def _find_idx_file(directory: epath.Path, stem: str) -> epath.Path | None:
   for name in (stem + ".gz", stem):
     if (directory / name).is_file():
       return directory / name
@@ -168,7 +166,7 @@ def idx_source(directory: str | os.PathLike, split: str,
   """
   if split not in _IDX_PREFIX:
     raise ValueError(f"IDX split must be one of {sorted(_IDX_PREFIX)}, got {split!r}")
-  directory = Path(directory)
+  directory = epath.Path(directory)
   prefix = _IDX_PREFIX[split]
   image_path = _find_idx_file(directory, f"{prefix}-images-idx3-ubyte")
   label_path = _find_idx_file(directory, f"{prefix}-labels-idx1-ubyte")

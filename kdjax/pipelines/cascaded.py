@@ -43,7 +43,7 @@ from kdjax.pruning import cost as cost_lib
 from kdjax.pruning import masks as masks_lib
 from kdjax.pruning import saliency
 from kdjax.train import checkpoint as ckpt_lib
-from kdjax.train import loop, optim, precision, sharding
+from kdjax.train import files, loop, optim, precision, sharding
 from kdjax.train.state import TrainState, make_eval_step
 
 log = logging.getLogger("kdjax")
@@ -498,7 +498,7 @@ def plot_levels(path, summary: dict) -> None:
     ax.set(xlabel="MACs per image (M)", ylabel="test top-1 (%)",
            title=f"{summary['model']}: {summary['method']}, {summary['num_tas']} TA(s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    files.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -537,9 +537,9 @@ def run(config, workdir) -> dict:
     else:
         summary["levels"], summary["finetune_only"] = run_oneshot(ctx, model, variables,
                                                                   teacher_results)
-    ckpt_lib.save_json(ctx.workdir / "summary.json", summary)
+    files.save_json(ctx.workdir / "summary.json", summary)
     markdown = summary_markdown(summary)
-    (ctx.workdir / "summary.md").write_text(markdown)
+    files.write_text(ctx.workdir / "summary.md", markdown)
     plot_levels(ctx.workdir / "accuracy_macs.png", summary)
     print(markdown, flush=True)
     return summary

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 import logging
 import optax
 
@@ -19,7 +19,7 @@ from kdjax import models
 from kdjax.distill import Outputs
 from kdjax.data import load_splits, pipeline as data_pipeline
 from kdjax.train import checkpoint as ckpt_lib
-from kdjax.train import loop, optim, sharding
+from kdjax.train import files, loop, optim, sharding
 from kdjax.train.state import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("kdjax")
@@ -30,7 +30,7 @@ class Context:
     """What all stages of one run share: config, mesh, data splits and their shape."""
 
     config: ml_collections.ConfigDict
-    workdir: pathlib.Path
+    workdir: epath.Path
     mesh: Any
     splits: Any
 
@@ -54,7 +54,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Context:
                  0 if splits.validation is None else len(splits.validation),
                  len(splits.test), splits.info.num_classes, splits.info.image_shape,
                  dict(mesh.shape))
-    return Context(config, pathlib.Path(workdir), mesh, splits)
+    return Context(config, files.as_path(workdir), mesh, splits)
 
 
 def init_variables(model, input_shape, seed: int) -> dict:
@@ -176,7 +176,7 @@ def train_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, 
         teacher_variables=teacher_variables,
         on_log=on_log)
     results["model"] = model_name
-    ckpt_lib.save_json(stage.dir / "results.json", results)
+    files.save_json(stage.dir / "results.json", results)
     return state, results
 
 
@@ -279,7 +279,7 @@ def load_teacher(path, select: str) -> tuple[dict, dict, dict]:
     """
     if select not in TEACHER_SELECT:
         raise ValueError(f"teacher.select={select!r}; valid: {', '.join(TEACHER_SELECT)}")
-    path = pathlib.Path(path)
+    path = files.as_path(path)
     wanted = TEACHER_SELECT[select]
     if (path / ckpt_lib.LAST_DIR).is_dir() and not (path / wanted).is_dir():
         raise ckpt_lib.CheckpointError(

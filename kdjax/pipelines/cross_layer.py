@@ -26,7 +26,7 @@ from kdjax.distill.ensemble import TeacherEnsemble
 from kdjax.pipelines import common
 from kdjax.pipelines import kd as kd_pipeline
 from kdjax.train import checkpoint as ckpt_lib
-from kdjax.train import loop, sharding
+from kdjax.train import files, loop, sharding
 from kdjax.train.state import make_eval_step
 
 
@@ -172,4 +172,4 @@ def run(config, workdir) -> dict:
 def report(ctx, results: dict) -> None:
     """The kd pipeline's table and ``summary.json``, plus the table as ``summary.md``."""
     kd_pipeline.report(ctx, results)
-    (ctx.workdir / "summary.md").write_text(kd_pipeline.summary_table(results) + "\n")
+    files.write_text(ctx.workdir / "summary.md", kd_pipeline.summary_table(results) + "\n")

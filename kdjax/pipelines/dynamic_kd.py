@@ -16,16 +16,18 @@ Every step's metrics (c, ∂L_KD/∂c, H(q_c), H(p_t), KD and CE terms, loss) go
 from __future__ import annotations
 
 import json
-import pathlib
+
+from etils import epath
 
 from kdjax import models
 from kdjax.distill.methods import KD
 from kdjax.pipelines import common, kd
+from kdjax.train import files
 
 STAGE = "dynamic_kd"
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
+def read_rows(path: epath.Path) -> list[dict]:
     """The JSON lines of ``path`` (none if it does not exist)."""
     if not path.exists():
         return []
@@ -38,17 +40,22 @@ class StepLog:
     are dropped by the loop (``metrics.truncate_logs``), as for every stage log.
     """
 
-    def __init__(self, path: pathlib.Path):
+    def __init__(self, path: epath.Path):
         self.path = path
+        self._log = None
 
     def __call__(self, step: int, history) -> None:
-        with self.path.open("a") as f:
-            for s, metrics in history:
-                record = {"step": int(s), **{k: float(v) for k, v in metrics.items()}}
-                f.write(json.dumps(record) + "\n")
+        if self._log is None:  # opened at the first log, after the loop's truncation
+            self._log = files.JsonlLog(self.path)
+        self._log.append([{"step": int(s), **{k: float(v) for k, v in metrics.items()}}
+                          for s, metrics in history])
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
 
 
-def plot_controller(rows: list[dict], png: pathlib.Path) -> None:
+def plot_controller(rows: list[dict], png: epath.Path) -> None:
     """Three panels against the step: c (per class: mean, min–max band);
     H(q_c) and H(p_t); the KD and CE terms."""
     import matplotlib
@@ -75,7 +82,7 @@ def plot_controller(rows: list[dict], png: pathlib.Path) -> None:
     axes[2].set_xlabel("step")
     axes[2].legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    files.save_figure(fig, png)
     plt.close(fig)
 
 
@@ -101,12 +108,15 @@ def run(config, workdir) -> dict:
                      standardize_logits=method.standardize_logits)
         results.update(kd.baseline_stages(ctx, config.student.name, config.optim, teacher,
                                           vanilla, from_scratch=True))
-    stage_dir = ctx.workdir / STAGE
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_dir = files.make_dirs(ctx.workdir / STAGE)
     jsonl = stage_dir / "controller.jsonl"
-    _, results[STAGE] = common.distill_stage(
-        ctx, STAGE, config.student.name, config.optim, method, teacher,
-        on_log=StepLog(jsonl))
+    step_log = StepLog(jsonl)
+    try:
+        _, results[STAGE] = common.distill_stage(
+            ctx, STAGE, config.student.name, config.optim, method, teacher,
+            on_log=step_log)
+    finally:
+        step_log.close()
     rows = read_rows(jsonl)
     if rows:
         results[STAGE].update(final_controller(rows))

@@ -57,8 +57,7 @@ from kdjax.pruning import cost as cost_lib
 from kdjax.pruning import masks as masks_lib
 from kdjax.pruning import saliency
 from kdjax.pruning import split as split_lib
-from kdjax.train import checkpoint as ckpt_lib
-from kdjax.train import population, sharding
+from kdjax.train import files, population, sharding
 
 log = logging.getLogger("kdjax")
 
@@ -646,10 +645,10 @@ def _plt():
 def write_pareto(out_dir, name: str, search: dict) -> None:
     """pareto_<name>.json (final population, archived front, candidates, all evaluations)
     and .png."""
-    obj, population = search["objectives"], search["population"]
-    ckpt_lib.save_json(out_dir / f"pareto_{name}.json", {
+    obj, final = search["objectives"], search["population"]
+    files.save_json(out_dir / f"pareto_{name}.json", {
         "objectives": ["retained_macs_ratio", "selector_loss"],
-        "population": population.tolist(), "front": obj.tolist(),
+        "population": final.tolist(), "front": obj.tolist(),
         "front_genomes": [np.flatnonzero(~g).tolist() for g in search["genomes"]],
         "candidates": np.asarray(search.get("candidates", [])).tolist(),
         "evaluated": search["evaluated"].tolist(), "reference": search["reference"]})
@@ -667,13 +666,13 @@ def write_pareto(out_dir, name: str, search: dict) -> None:
     ax.set(xlabel="retained MACs ratio", ylabel="selector CE", title=f"Pareto front: {name}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / f"pareto_{name}.png", dpi=100)
+    files.save_figure(fig, out_dir / f"pareto_{name}.png")
     plt.close(fig)
 
 
 def write_hypervolume(out_dir, searches: dict) -> None:
     """hypervolume.json ({search: {'reference', 'per_generation'}}) and hypervolume.png."""
-    ckpt_lib.save_json(out_dir / "hypervolume.json", {
+    files.save_json(out_dir / "hypervolume.json", {
         n: {"reference": s["reference"], "per_generation": s["hypervolume"]}
         for n, s in searches.items()})
     plt = _plt()
@@ -683,7 +682,7 @@ def write_hypervolume(out_dir, searches: dict) -> None:
     ax.set(xlabel="generation", ylabel="hypervolume", title="NSGA-II hypervolume")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "hypervolume.png", dpi=100)
+    files.save_figure(fig, out_dir / "hypervolume.png")
     plt.close(fig)
 
 
@@ -736,8 +735,7 @@ def run(config, workdir) -> dict:
     net, teacher_results = prepare(ctx)
     ctx = network_context(ctx, teacher_results)
     search_ctx = search_context(ctx, teacher_results["data_seed"])
-    out_dir = ctx.workdir / emo.method
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = files.make_dirs(ctx.workdir / emo.method)
     t0 = time.perf_counter()
     if emo.method == "emo_pms":
         masks, params, info = search_emo_pms(search_ctx, net, out_dir)
@@ -769,7 +767,7 @@ def finish(ctx, net: Network, masks: dict, variables: dict, info: dict,
         raise RuntimeError(f"pruned MACs {pruned['macs']:,} exceed the budget "
                            f"{net.budget:,.0f} (ratio {ratio:.4f})")
     kept = masks_lib.count_kept(masks)
-    ckpt_lib.save_json(out_dir / "scheme.json", {"method": emo.method, "search": info,
+    files.save_json(out_dir / "scheme.json", {"method": emo.method, "search": info,
                                                  **scheme(net, masks, small_model, shape)})
     log.info("[emo_pms] %s: MACs %.2fM -> %.2fM (ratio %.4f, target %.2f), params %d -> %d",
              emo.method, dense["macs"] / 1e6, pruned["macs"] / 1e6, ratio,
@@ -802,7 +800,7 @@ def finish(ctx, net: Network, masks: dict, variables: dict, info: dict,
         "finetune": finetune, "teacher": teacher_results,
         "search_seconds": info.get("seconds"),
     }
-    ckpt_lib.save_json(out_dir / "results.json", results)
+    files.save_json(out_dir / "results.json", results)
     summary = (f"{emo.method}: {name} MACs {dense['macs'] / 1e6:.2f}M -> "
                f"{pruned['macs'] / 1e6:.2f}M ({100 * (1 - ratio):.1f}% removed), params "
                f"{dense['params']:,} -> {pruned['params']:,}; test top-1 unpruned "

@@ -18,7 +18,7 @@ import logging
 
 from kdjax import models
 from kdjax.pipelines import common
-from kdjax.train import checkpoint as ckpt_lib
+from kdjax.train import files
 
 log = logging.getLogger("kdjax")
 
@@ -73,8 +73,8 @@ def report(ctx, results: dict, table: str | None = None) -> None:
     """Print one results table (default: every stage's, `summary_table`); write
     ``workdir/summary.json`` and ``summary.md``."""
     table = summary_table(results) if table is None else table
-    ckpt_lib.save_json(ctx.workdir / "summary.json", results)
-    (ctx.workdir / "summary.md").write_text(table + "\n")
+    files.save_json(ctx.workdir / "summary.json", results)
+    files.write_text(ctx.workdir / "summary.md", table + "\n")
     print(f"{table}\n\nTables: {ctx.workdir / 'summary.md'}; per-epoch curves: "
           f"<stage>/metrics.jsonl. Over 3 seeds, with plots: python -m kdjax.study "
           f"--config=configs/study.py:quick --workdir=DIR", flush=True)

@@ -32,6 +32,7 @@ from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
 from kdjax.pruning import saliency
 from kdjax.train import checkpoint as ckpt_lib
+from kdjax.train import files
 
 log = logging.getLogger("kdjax")
 
@@ -147,8 +148,8 @@ def run(config, workdir) -> dict:
 
     summary = {**summarize(config, ctx, student, small_model, groups, kept, results),
                **compaction}
-    ckpt_lib.save_json(ctx.workdir / "summary.json", summary)
-    (ctx.workdir / "summary.md").write_text(summary_markdown(summary, groups, kept))
+    files.save_json(ctx.workdir / "summary.json", summary)
+    files.write_text(ctx.workdir / "summary.md", summary_markdown(summary, groups, kept))
     print(summary_markdown(summary, groups, kept), flush=True)
     return summary
 

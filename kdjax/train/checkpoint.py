@@ -39,16 +39,16 @@ import fcntl
 import json
 import logging
 import os
-import pathlib
 import signal
 import socket
-import tempfile
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from kdjax.train import files
 
 LAST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -79,11 +79,6 @@ class ConfigChangedError(ValueError):
 
 class WorkdirBusyError(RuntimeError):
     """Another live kdjax run holds the workdir's lock."""
-
-
-def is_writer() -> bool:
-    """Only JAX process 0 writes JSON/JSONL files and moves checkpoint directories."""
-    return jax.process_index() == 0
 
 
 # ----------------------------------------------------------------------------
@@ -121,28 +116,6 @@ if os.environ.get(KILL_ENV, "").startswith("inside_"):
 
 # ----------------------------------------------------------------------------
 # Files
-
-
-def write_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a uniquely named temporary file in the same
-    directory and a rename, so a crash or a concurrent writer never leaves half a file."""
-    path = epath.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other users
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.fspath(path))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def save_json(path, obj: Any) -> None:
-    """Write JSON atomically (process 0 only; see ``write_atomic``)."""
-    if is_writer():
-        write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def disk_full(err: BaseException | None) -> bool:
@@ -276,7 +249,7 @@ def remove_unfinished_saves(directory) -> list[str]:
     """Delete the temporary directories (``<step>.orbax-checkpoint-tmp-*``) that killed
     saves left in an orbax manager directory; returns their names."""
     directory = epath.Path(directory)
-    if not is_writer() or not directory.is_dir():
+    if not files.is_writer() or not directory.is_dir():
         return []
     stale = sorted(p for p in directory.iterdir() if ORBAX_TMP_MARK in p.name)
     for path in stale:
@@ -302,8 +275,8 @@ def _save_errors(path):
 class StageCheckpointer:
     """Save/restore the resumable state of one training stage (see module docstring)."""
 
-    def __init__(self, stage_dir: pathlib.Path | str, spec: dict, config: dict):
-        self.stage_dir = pathlib.Path(stage_dir)
+    def __init__(self, stage_dir: epath.PathLike, spec: dict, config: dict):
+        self.stage_dir = epath.Path(stage_dir)
         self.spec = spec
         self.config = config
         for name in (LAST_DIR, BEST_DIR):
@@ -380,7 +353,7 @@ class StageCheckpointer:
         """Move the unreadable checkpoint ``step`` to ``damaged/`` (never delete it)."""
         source = self.stage_dir / LAST_DIR / str(step)
         target = self.stage_dir / DAMAGED_DIR / f"{LAST_DIR}-{step}-{int(time.time())}"
-        if is_writer():
+        if files.is_writer():
             target.parent.mkdir(parents=True, exist_ok=True)
             source.rename(target)
         self._last.reload()
@@ -414,13 +387,13 @@ def _read_meta(manager, step: int, path) -> dict:
         ) from err
 
 
-def find_checkpoint(path: pathlib.Path | str, prefer: str = BEST_DIR) -> tuple[pathlib.Path, int]:
+def find_checkpoint(path: epath.PathLike, prefer: str = BEST_DIR) -> tuple[epath.Path, int]:
     """Resolve a user-given checkpoint path to (manager directory, step).
 
     Accepts a stage directory (uses ``prefer`` — ``best/`` by default — if present,
     else the other one), a manager directory, or a single step directory.
     """
-    path = pathlib.Path(path).expanduser()
+    path = files.as_path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     order = [BEST_DIR, LAST_DIR] if prefer == BEST_DIR else [LAST_DIR, BEST_DIR]
@@ -454,7 +427,7 @@ def read_spec(path, prefer: str = BEST_DIR) -> dict:
     return _read_meta(_reader(directory), step, directory / str(step))["model"]
 
 
-def load_variables(path: pathlib.Path | str, prefer: str = BEST_DIR) -> tuple[dict, dict]:
+def load_variables(path: epath.PathLike, prefer: str = BEST_DIR) -> tuple[dict, dict]:
     """Load ``(model_spec, {'params', 'batch_stats'})`` from a kdjax checkpoint for inference.
 
     For a stage directory, ``prefer`` picks the best-on-validation (default) or the
@@ -478,7 +451,7 @@ def load_variables(path: pathlib.Path | str, prefer: str = BEST_DIR) -> tuple[di
     return meta["model"], variables
 
 
-def load_meta(path: pathlib.Path | str, prefer: str = BEST_DIR) -> tuple[dict, int]:
+def load_meta(path: epath.PathLike, prefer: str = BEST_DIR) -> tuple[dict, int]:
     """``(meta, step)`` of the checkpoint ``load_variables(path, prefer)`` reads; meta =
     {'model': spec, 'config': the run's full config, 'progress': counters}."""
     directory, step = find_checkpoint(path, prefer)
@@ -490,7 +463,7 @@ def save_variables(stage_dir, spec: dict, variables: dict, config: dict) -> None
     ``load_variables(stage_dir)`` and ``--config.teacher.checkpoint=stage_dir`` read it
     (used for teachers made elsewhere, e.g. by ``kdjax.convert_torch``)."""
     meta = {"model": spec, "config": config, "progress": {}}
-    manager = _manager(pathlib.Path(stage_dir) / BEST_DIR, max_to_keep=1)
+    manager = _manager(epath.Path(stage_dir) / BEST_DIR, max_to_keep=1)
     manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(variables),
                                             meta=ocp.args.JsonSave(meta)), force=True)
     manager.close()

@@ -3,7 +3,8 @@
 Compiles the train and eval steps once on the data mesh, resumes from the stage's
 latest checkpoint, logs metrics and a progress line, evaluates on the validation
 and test splits at epoch boundaries, keeps the last and the best-on-validation
-checkpoints, and on SIGTERM saves and raises ``Preempted``.
+checkpoints, and on SIGTERM (to any of the processes of a multi-host run) saves and
+raises ``Preempted``.
 
 Non-finite values stop the run with FloatingPointError and nothing written: a NaN/Inf
 training loss, an evaluation loss, or any array of the state about to be saved.
@@ -12,16 +13,17 @@ training loss, an evaluation loss, or any array of the state about to be saved.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import signal
 import time
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
+from etils import epath
 import logging
 
 from kdjax.train import checkpoint as ckpt_lib
+from kdjax.train import files
 from kdjax.train import metrics as metrics_lib
 from kdjax.train import sharding, throughput
 
@@ -41,7 +43,7 @@ class Stage:
     """
 
     name: str
-    dir: pathlib.Path
+    dir: epath.Path
     total_steps: int
     steps_per_epoch: int
     global_batch_size: int
@@ -63,7 +65,12 @@ class EvalData:
 
 
 class _SigtermFlag:
-    """Context manager that turns SIGTERM into a flag checked between steps."""
+    """Context manager that turns SIGTERM into a flag checked between steps.
+
+    With several JAX processes the flag is agreed on (``senders``) at steps every
+    process checks, so a SIGTERM that reaches one host stops all of them at the same
+    step: they save one checkpoint together and all raise ``Preempted``.
+    """
 
     def __init__(self):
         self.raised = False
@@ -83,6 +90,16 @@ class _SigtermFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
         return False
+
+    def senders(self) -> list[int]:
+        """Indices of the processes whose flag is raised (one tiny all-gather when several
+        processes run: every process must call this at the same steps)."""
+        if jax.process_count() == 1:
+            return [0] if self.raised else []
+        from jax.experimental import multihost_utils
+
+        raised = multihost_utils.process_allgather(np.array(self.raised))
+        return np.flatnonzero(raised).tolist()
 
 
 def evaluate(eval_step: Callable, variables, source, data_cfg, batch_size: int, mesh) -> dict:
@@ -237,7 +254,7 @@ def fit(
     on_log(step, history) receives every logged step's host metrics (for plots).
     Returns (final state, results dict); results are also written to results.json.
     """
-    stage.dir.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(stage.dir)
     check_stage(stage, mesh)
     checkpointer = ckpt_lib.StageCheckpointer(stage.dir, spec, config_dict)
     progress = {"epoch": 0, "best_val_top1": -1.0, "test_top1_at_best_val": None,
@@ -254,7 +271,7 @@ def fit(
             raise
         train_iter.set_state(data_state)
         log.info("[%s] resumed from step %d", stage.name, int(state.step))
-    ckpt_lib.save_json(stage.dir / "config.json", config_dict)  # after the resume checks
+    files.save_json(stage.dir / "config.json", config_dict)  # after the resume checks
     metrics_lib.truncate_logs(stage.dir, int(jax.device_get(state.step)))
 
     compiled_step = compile_train_step(train_step, mesh)
@@ -274,7 +291,10 @@ def fit(
                 step += 1
                 pending.append((step, step_metrics))
                 boundary = step % eval_every == 0 or step == stage.total_steps
-                if step % stage.log_every_steps == 0 or boundary or sigterm.raised:
+                logged = step % stage.log_every_steps == 0 or boundary
+                # one process checks its flag every step; several agree at logged steps
+                stop_by = (sigterm.senders() if logged or jax.process_count() == 1 else [])
+                if logged or stop_by:
                     host = [(s, jax.device_get(m)) for s, m in pending]
                     pending.clear()
                     bad = _first_non_finite(host)
@@ -298,20 +318,22 @@ def fit(
                         stage, state, step, compiled_eval, eval_data, mesh, writer,
                         checkpointer, train_iter, progress)
                     last_log_time = time.time()
-                if sigterm.raised:
+                if stop_by:
                     if not boundary:
                         _save_checked(stage, checkpointer, state, train_iter.get_state(),
                                       progress, is_best=False)
+                    where = (f" by process {', '.join(map(str, stop_by))}"
+                             if jax.process_count() > 1 else "")
                     raise Preempted(
-                        f"[{stage.name}] SIGTERM received: checkpoint saved at step {step} in "
-                        f"{stage.dir / ckpt_lib.LAST_DIR}; run the same command to resume."
-                    )
+                        f"[{stage.name}] SIGTERM received{where}: checkpoint saved at step "
+                        f"{step} in {stage.dir / ckpt_lib.LAST_DIR}; run the same command to "
+                        f"resume.")
         results = _final_results(stage, state, compiled_eval, eval_data, mesh, progress,
                                  checkpointer)
     finally:
         writer.close()
         checkpointer.close()
-    ckpt_lib.save_json(stage.dir / "results.json", results)
+    files.save_json(stage.dir / "results.json", results)
     return state, results
 
 

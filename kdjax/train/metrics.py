@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import pathlib
+import os
 import time
 
-from kdjax.train import checkpoint as ckpt_lib
+from etils import epath
+
+from kdjax.train import files
 
 
 def tensorboard_available() -> bool:
@@ -28,40 +30,36 @@ class MetricWriter:
 
     Also mirrors the scalars to TensorBoard under ``stage_dir/tb`` when available.
     Lines are flushed as written, so a killed run keeps everything logged so far.
+    Process 0 writes; on the others every method is a no-op.
     """
 
-    def __init__(self, stage_dir: pathlib.Path):
-        stage_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, stage_dir: epath.PathLike):
+        stage_dir = files.make_dirs(stage_dir)
         self.path = stage_dir / "metrics.jsonl"
-        self._file = self._tb = None
-        if not ckpt_lib.is_writer():
-            return
-        self._file = self.path.open("a")
-        if tensorboard_available():
+        self._log = files.JsonlLog(self.path)
+        self._tb = None
+        if files.is_writer() and tensorboard_available():
             from clu import metric_writers
 
-            self._tb = metric_writers.create_default_writer(str(stage_dir / "tb"), asynchronous=False)
+            self._tb = metric_writers.create_default_writer(os.fspath(stage_dir / "tb"),
+                                                             asynchronous=False)
 
     def write(self, step: int, split: str, scalars: dict) -> None:
-        if self._file is None:
-            return
         record = {"step": int(step), "split": split, "time": round(time.time(), 3)}
         record.update({k: float(v) for k, v in scalars.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._log.append([record])
         if self._tb is not None:
             self._tb.write_scalars(step, {f"{split}/{k}": float(v) for k, v in scalars.items()})
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        self._log.close()
         if self._tb is not None:
             self._tb.close()
 
 
-def read_metrics(path: pathlib.Path) -> list[dict]:
+def read_metrics(path: epath.PathLike) -> list[dict]:
     """All records of a metrics.jsonl file, in order."""
-    with pathlib.Path(path).open() as f:
+    with epath.Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -72,13 +70,13 @@ def truncate_logs(stage_dir, step: int) -> None:
     Called when a stage starts at ``step`` (0 when fresh): lines a killed run logged
     after its last checkpoint are replayed, not repeated.
     """
-    if not ckpt_lib.is_writer():
+    if not files.is_writer():
         return
-    for path in sorted(pathlib.Path(stage_dir).glob("*.jsonl")):
+    for path in sorted(epath.Path(stage_dir).glob("*.jsonl")):
         lines = path.read_text().splitlines()
         kept = [line for line in lines if _logged_by(line, step)]
         if len(kept) != len(lines):
-            ckpt_lib.write_atomic(path, "".join(line + "\n" for line in kept))
+            files.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _logged_by(line: str, step: int) -> bool:

@@ -60,7 +60,21 @@ def initialize_distributed(train: Mapping[str, Any]) -> None:
     """
     kwargs = distributed_kwargs(train)
     if kwargs is not None and not jax.distributed.is_initialized():
+        use_cpu_collectives()
         jax.distributed.initialize(**kwargs)
+
+
+def use_cpu_collectives() -> None:
+    """Give the CPU backend a cross-process collectives implementation (gloo over TCP)
+    unless one is configured already.
+
+    Without one, a computation spanning the CPU devices of several processes (the
+    localhost multi-process run, host-side reductions on TPU/GPU hosts) fails; recent
+    JAX versions default to gloo, older ones to none. Must run before the CPU backend
+    is created, hence before ``jax.distributed.initialize``.
+    """
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
