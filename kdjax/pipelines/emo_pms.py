@@ -656,7 +656,7 @@ def write_pareto(out_dir, name: str, search: dict) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
     ev = search["evaluated"]
     ax.scatter(ev[:, 0], ev[:, 1], s=6, c="0.75", label="evaluated")
-    ax.scatter(population[:, 0], population[:, 1], s=14, c="tab:blue",
+    ax.scatter(final[:, 0], final[:, 1], s=14, c="tab:blue",
                label="final population")
     order = np.argsort(obj[:, 0])
     ax.plot(obj[order, 0], obj[order, 1], "o-", c="tab:red", ms=5, label="archived front")
