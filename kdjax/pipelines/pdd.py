@@ -5,7 +5,7 @@ Stages (each resumable, under ``workdir/<stage>/``):
   kd        — optional: the unpruned student trained with the same KD loss, for the
               "unpruned student with KD vs pruned" comparison (``pdd.kd_baseline``);
   masks     — stage 1: KD while learning one differentiable mask vector per masked group
-              (kdjax.models.learned_masks); the masks of the checkpoint with the best
+              (kdjax.pruning.learned_masks); the masks of the checkpoint with the best
               VALIDATION accuracy are kept (never selected on the test split) — with no
               validation split (``data.validation_size = 0``, the paper presets) those of
               the LAST checkpoint; which one is logged and recorded (``masks_checkpoint``);
@@ -22,7 +22,7 @@ import logging
 import jax
 
 from kdjax import models
-from kdjax.models.learned_masks import LearnedMasks, binary_masks
+from kdjax.pruning.learned_masks import LearnedMasks, binary_masks
 from kdjax.pipelines import common
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
