@@ -14,8 +14,8 @@ the LAST epoch's (best-epoch test figure logged beside it), the teacher per ``te
 Options:
     --config.teacher.checkpoint=/tmp/sup/model     reuse a trained teacher
     --config.dynamic_kd.baselines=True             also student-from-scratch and vanilla KD
-    --config.dynamic_kd.controller.kind=per_class  one c per class
-    --config.dynamic_kd.controller.mode=entropy_feedback   the ablation (scalar c only)
+    --config.distill.dynamic_kd.kind=per_class     one c per class
+    --config.distill.dynamic_kd.mode=entropy_feedback   the ablation (scalar c only)
 
 Demo on the embedded Fashion-MNIST (teacher, student, KD and DynamicKD, minutes on a
 2-core CPU):
@@ -34,28 +34,27 @@ PAIRS = {
 
 
 def dynamic_kd_section(baselines: bool) -> ml_collections.ConfigDict:
-    """Loss weights of the shared KD recipe and the controller.
+    """The pipeline's own switch; the loss and the controller are ``distill.dynamic_kd``.
 
-    lr = 0.01 on θ = log c: with T = 4 and logits of O(10), ∂L_KD/∂c is O(1–10) and the
-    curvature Var_{q_c}(z_s) is O(10), so θ reaches its moment-matching fixed point
-    within tens of steps (well inside one epoch) while one step moves c by a few
-    percent at most; larger rates make c follow batch noise.
     baselines: also train the student from scratch and vanilla KD with the same
-    teacher and budget (on in :demo, off in the paper presets to save compute).
+    teacher, budget, temperature and weights (on in :demo, off in the paper presets to
+    save compute).
     """
-    return ml_collections.ConfigDict(dict(
-        temperature=4.0, ce_weight=0.1, kd_weight=0.9,
-        baselines=baselines,
-        controller=ml_collections.ConfigDict(dict(
-            kind="scalar",            # "scalar" | "per_class" ("per_sample": not implemented)
-            init=1.0,                 # c = 1: the loss starts as vanilla KD
-            lr=0.01,                  # gradient step on θ = log c (see above)
-            clip=(0.1, 10.0),         # c is clipped to this range
-            mode="gradient",          # "gradient" | "entropy_feedback" (ablation, scalar only)
-            feedback_rate=0.01,       # η of c ← c·exp(η·(H(q_c) − H(p_t)))
-            warmup_epochs=0.0,        # c frozen at init for this many epochs
-        )),
-    ))
+    return ml_collections.ConfigDict(dict(baselines=baselines))
+
+
+def distill_section() -> ml_collections.ConfigDict:
+    """γ = 0.1, α = 0.9, T = 4 (the method's defaults) and the controller
+    (``distill.dynamic_kd``): kind "scalar" | "per_class" ("per_sample": not implemented);
+    controller_init 1 (c = 1: the loss starts as vanilla KD); controller_lr 0.01, a
+    gradient step on θ = log c: with T = 4 and logits of O(10), ∂L_KD/∂c is O(1–10) and
+    the curvature Var_{q_c}(z_s) is O(10), so θ reaches its moment-matching fixed point
+    within tens of steps (well inside one epoch) while one step moves c by a few percent
+    at most; larger rates make c follow batch noise. controller_clip (0.1, 10); mode
+    "gradient" | "entropy_feedback" (the ablation, c ← c·exp(η·(H(q_c) − H(p_t))),
+    η = feedback_rate 0.01); warmup_epochs 0 (c frozen at init for this many epochs).
+    """
+    return config_lib.distill("dynamic_kd")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -67,12 +66,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.optim = config_lib.optim()
         config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.optim())
         config.dynamic_kd = dynamic_kd_section(baselines=False)
+        config.distill = distill_section()
     elif arg == "demo":
         teacher, student = config_lib.DEMO_TEACHER, config_lib.DEMO_STUDENT
         config.data = config_lib.demo_data()
         config.optim = config_lib.demo_optim()
         config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.demo_optim())
         config.dynamic_kd = dynamic_kd_section(baselines=True)
+        config.distill = distill_section()
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/dynamic_kd.py; "
                          f"valid: {sorted(PAIRS) + ['demo']}")

@@ -72,8 +72,8 @@ def emo_section(**overrides) -> ml_collections.ConfigDict:
         taylor_batches=10,         # training batches summed for the taylor baseline
         finetune=config_lib.optim(epochs=100, batch_size=128, lr=0.01, milestones=(50, 75),
                                   weight_decay=1e-4),
-        finetune_kd=False,         # fine-tune with Hinton KD from the unpruned network
-        kd_temperature=4.0, kd_ce_weight=0.1, kd_weight=0.9,
+        finetune_kd=False,         # fine-tune distilling from the unpruned network
+                                   # (config.distill: KD 0.1·CE + 0.9·KD, T = 4)
     )
     emo.update(overrides)
     return ml_collections.ConfigDict(emo)
@@ -101,5 +101,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/emo_pms.py; "
                          f"valid: {sorted(PRESETS) + ['demo']}")
+    config.distill = config_lib.distill("kd", init_epochs=1 if arg == "demo" else 30)
     config.lock()
     return config

@@ -36,12 +36,11 @@ PAIRS = {
 
 def pdd_section(placement, stage1, stage2, kd_optim):
     return ml_collections.ConfigDict(dict(
-        temperature=3.0, ce_weight=0.6, kd_weight=0.4,  # α·CE + (1−α)·T²·KL, α = 0.6, T = 3
         placement=placement,      # "inner" (block inner convs) | "output" (stage streams) | "all"
         mask_init_scale=1e-3,     # mask logits ~ N(0, 1)·1e-3
         stage1=stage1, stage2=stage2,
-        finetune_kd=False,        # stage 2 with CE (PDD) or with the KD loss
-        kd_baseline=True,         # also train the unpruned student with KD
+        finetune_kd=False,        # stage 2 with CE (PDD) or with the distill method
+        kd_baseline=True,         # also train the unpruned student with the distill method
         kd_optim=kd_optim,
         # Extension, NOT part of PDD (off by default): penalise the masked/unmasked MACs
         # ratio r above a target during stage 1: loss += flops_weight · max(0, r − target).
@@ -79,5 +78,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {arg!r} for configs/pdd.py; valid: {sorted(PAIRS) + ['demo']}")
     config.student = ml_collections.ConfigDict(dict(name=student))
     config.pdd = pdd_section(placement, stage1, stage2, kd_optim)
+    # PDD's KD: α·CE + (1−α)·T²·KL with α = 0.6, T = 3 (set for distill.method=kd; with
+    # another method pass its weights, or -1 for its published defaults).
+    config.distill = config_lib.distill("kd", temperature=3.0, ce_weight=0.6, weight=0.4)
+    if arg == "demo":
+        config.distill.init_epochs = 1  # fitnet/ab/ft/fsp: a 1-epoch init stage
     config.lock()
     return config

@@ -12,6 +12,12 @@ forward = 2·MACs FLOPs per image, a train step = 3× forward (backward ≈ 2× 
     python -m kdjax.bench --pairs resnet56:resnet20 --devices 2 --repeats 30
     python -m kdjax.bench --conv-profile resnet20   # where a train step's conv time goes
     python -m kdjax.bench --compare-torch           # each row alternated with PyTorch eager
+    python -m kdjax.bench --pairs resnet32x4:resnet8x4 --distill-methods all
+                                                # + one train-step row per distillation method
+
+A distillation row is the main-stage step of ``kdjax.distill`` method M with its default
+settings (CRD: memory banks of ``--bank-size`` rows, 16384 negatives); for AB and FSP,
+whose main stage adds no term (RepDistiller), that is the CE step plus the teacher.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ def parse_args(argv):
                              "0 = kdjax's default (on CPU one device per core, see kdjax.platform)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--distill-methods", nargs="+", default=[], metavar="METHOD",
+                        help="also one train-step row per kdjax.distill method "
+                             "('all' = every method of the distillation zoo)")
+    parser.add_argument("--bank-size", type=int, default=50000,
+                        help="training-set size for methods with memory banks (CRD); "
+                             "default: CIFAR's 50000")
     parser.add_argument("--conv-profile", metavar="MODEL", default="",
                         help="instead: time forward, input-gradient and kernel-gradient "
                              "convolutions at every distinct conv shape of MODEL")
@@ -82,13 +94,28 @@ def median_seconds(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def jax_workloads(teacher_name, student_name, args, mesh) -> list[dict]:
-    """The three steps of one pair as timed callables: each row is
-    {'step', 'run' (blocks until done), 'flops' per image}."""
+def distill_methods(names) -> list[str]:
+    """The ``--distill-methods`` list: 'all' = the zoo (every method but dynamic_kd, which
+    needs its pipeline's controller), kd dropped (it is always the "KD t -> s" row);
+    unknown names raise ValueError with the valid ones."""
+    from kdjax.distill import METHODS
+
+    zoo = [m for m in METHODS if m != "dynamic_kd"]
+    chosen = zoo if list(names) == ["all"] else list(names)
+    unknown = [m for m in chosen if m not in zoo]
+    if unknown:
+        raise ValueError(f"unknown --distill-methods {unknown}; valid: all, {', '.join(zoo)}")
+    return [m for m in chosen if m != "kd"]
+
+
+def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[dict]:
+    """The three steps of one pair, then one distillation step per method of ``methods``,
+    as timed callables: each row is {'step', 'run' (blocks until done), 'flops' per
+    image}."""
     import jax
     import jax.numpy as jnp
 
-    from kdjax import config_lib, models
+    from kdjax import config_lib, distill, models
     from kdjax.pipelines import common
     from kdjax.pruning.cost import model_cost
     from kdjax.train import loop, optim, sharding
@@ -102,14 +129,22 @@ def jax_workloads(teacher_name, student_name, args, mesh) -> list[dict]:
     batch = sharding.to_global({
         "image": jax.random.normal(rng, (args.batch, *shape), jnp.float32),
         "label": jax.random.randint(rng, (args.batch,), 0, args.classes),
+        "index": jnp.arange(args.batch, dtype=jnp.int32),
     }, mesh)
     tx = optim.sgd(config_lib.optim(), steps_per_epoch=100)
     macs_t = model_cost(teacher, shape)["macs"]
     macs_s = model_cost(student, shape)["macs"]
 
     def train_row(name, objective, teacher_model, flops_per_image):
-        state = TrainState.create(common.init_variables(student, shape, 0), tx,
-                                  jax.random.PRNGKey(2))  # fresh: the state is donated
+        variables = common.init_variables(student, shape, 0)
+        distill_vars = ({}, {})
+        if objective.method is not None:
+            distill_vars = objective.method.init(
+                jax.random.PRNGKey(3),
+                common.output_shapes(student, variables, shape, args.batch),
+                common.output_shapes(teacher, teacher_vars, shape, args.batch), args.bank_size)
+        state = TrainState.create(variables, tx, jax.random.PRNGKey(2),
+                                  *distill_vars)  # fresh: the state is donated
         state = sharding.replicate(state, mesh)
         step = loop.compile_train_step(make_train_step(student, tx, objective, teacher_model), mesh)
         holder = [state]
@@ -120,14 +155,19 @@ def jax_workloads(teacher_name, student_name, args, mesh) -> list[dict]:
 
         return {"step": name, "run": run, "flops": flops_per_image}
 
+    def distill_row(name, method_name):
+        method = distill.make_method(config_lib.distill(method_name),
+                                     student_taps=student.taps(), teacher_taps=teacher.taps())
+        objective = distill.objective(method, method.default_ce_weight)
+        return train_row(name, objective, teacher, 6 * macs_s + 2 * macs_t)
+
     infer = jax.jit(lambda v, x: teacher.apply(v, x, train=False)[0])
     return [
         train_row(f"{student_name} CE train step", common.supervised_objective, None, 6 * macs_s),
-        train_row(f"KD {teacher_name} -> {student_name}", common.kd_objective(4.0, 0.1, 0.9),
-                  teacher, 6 * macs_s + 2 * macs_t),
+        distill_row(f"KD {teacher_name} -> {student_name}", "kd"),
         {"step": f"{teacher_name} inference", "flops": 2 * macs_t,
          "run": lambda: jax.block_until_ready(infer(teacher_vars, batch["image"]))},
-    ]
+    ] + [distill_row(f"distill {m} {teacher_name} -> {student_name}", m) for m in methods]
 
 
 def measure(row: dict, args) -> dict:
@@ -250,7 +290,8 @@ def main(argv=None) -> int:
         return 0
     print("| step | img/s | GFLOP/s | % of matmul peak |\n|---|---|---|---|")
     for teacher_name, student_name in pairs:
-        for row in jax_workloads(teacher_name, student_name, args, mesh):
+        for row in jax_workloads(teacher_name, student_name, args, mesh,
+                                 distill_methods(args.distill_methods)):
             m = measure(row, args)
             print(f"| {row['step']} | {m['img_per_s']:.1f} | {m['gflops']:.1f} | "
                   f"{100 * m['gflops'] / peak:.0f} |", flush=True)

@@ -79,6 +79,32 @@ def teacher(name, checkpoint="", optim_cfg=None, select="last"):
         name=name, checkpoint=checkpoint, select=select, optim=optim_cfg or optim()))
 
 
+def distill(method: str = "kd", **overrides) -> ml_collections.ConfigDict:
+    """The ``distill`` section every distilling pipeline shares (kdjax.distill).
+
+    weight / ce_weight < 0 mean "the method's published default" (RepDistiller's β and γ;
+    KD: 0.9 / 0.1), so changing only ``distill.method`` picks that method's values; the
+    effective ones are logged. temperature: logit methods (kd, dkd, dynamic_kd).
+    student_taps / teacher_taps: () = the method's default taps. init_epochs: the
+    initialisation stage of fitnet/ab/ft/fsp (RepDistiller: 30). Each method's own
+    hyperparameters sit in ``distill.<method>.*`` (defaults from its class).
+    """
+    from kdjax.distill import METHODS, method_options
+
+    section = dict(method=method, weight=-1.0, ce_weight=-1.0, temperature=4.0,
+                   standardize_logits=False, student_taps=(), teacher_taps=(),
+                   init_epochs=30)
+    for name in sorted(METHODS):
+        options = method_options(name)
+        if options:
+            section[name] = ml_collections.ConfigDict(options)
+    unknown = sorted(set(overrides) - set(section))
+    if unknown:
+        raise ValueError(f"unknown distill keys {unknown}; valid: {sorted(section)}")
+    section.update(overrides)
+    return ml_collections.ConfigDict(section)
+
+
 def base(pipeline: str) -> ml_collections.ConfigDict:
     """Skeleton every pipeline config starts from."""
     config = ml_collections.ConfigDict()

@@ -9,8 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import config_lib, controllers, losses
-from kdjax.pipelines import common, dynamic_kd
+from kdjax import config_lib, controllers, distill, losses
+from kdjax.distill import Aux, Outputs
+from kdjax.distill.methods import KD, DynamicKD
+from kdjax.pipelines import dynamic_kd
 from kdjax.train import checkpoint as ckpt_lib
 
 from helpers import np_log_softmax
@@ -26,7 +28,7 @@ def tiny(steps, teacher="", baselines=False, lr=LR):
     config.teacher.checkpoint = teacher
     config.optim = config.teacher.optim = config_lib.optim(epochs=3, batch_size=64, lr=0.05)
     config.dynamic_kd.baselines = baselines
-    config.dynamic_kd.controller.lr = lr
+    config.distill.dynamic_kd.controller_lr = lr
     return config
 
 
@@ -87,6 +89,11 @@ def test_controller_moves_against_its_gradient(straight):
     assert len({r["controller"] for r in rows(straight)}) == 5  # it changes every step
 
 
+def dynamic_objective(kind, mode):
+    """γ·CE + DynamicKD with the preset's γ = 0.1, α = 0.9, T = 4."""
+    return distill.objective(DynamicKD(weight=0.9, temperature=4.0, kind=kind, mode=mode), 0.1)
+
+
 def logits_and_labels(seed, b=16, k=10):
     rng = np.random.default_rng(seed)
     z_s, z_t = (3 * rng.normal(size=(b, k)).astype(np.float32) for _ in range(2))
@@ -111,9 +118,9 @@ def test_objective_measures_for_the_controller(kind):
     c = np.exp(np.random.default_rng(1).normal(size=() if kind == "scalar" else (10,)))
     opt_state = (optax.EmptyState(), controllers.EntropyControllerState(
         log_c=jnp.log(jnp.float32(c)), count=jnp.int32(0)))
-    measure = lambda mode: jax.jit(dynamic_kd.dynamic_kd_objective(  # noqa: E731
-        4.0, 0.1, 0.9, kind, mode))(z_s, {}, batch, z_t, opt_state)
-    loss, metrics, extra = measure("gradient")
+    measure = lambda mode: jax.jit(dynamic_objective(kind, mode))(  # noqa: E731
+        Outputs(z_s, {}), Outputs(z_t, {}), batch, Aux({}, {}, opt_state, 0))
+    loss, metrics, _, extra = measure("gradient")
     # loss, KD term and both entropies against float64 NumPy at this c != 1
     want = np_dynamic_kd(z_s, z_t, batch["label"], np.float32(c), 4.0, 0.1, 0.9)
     np.testing.assert_allclose([loss, metrics["ce"], metrics["kd"], metrics["H_q"],
@@ -123,20 +130,23 @@ def test_objective_measures_for_the_controller(kind):
                                                        controller_kind=kind)
     np.testing.assert_allclose(extra["controller_grad"], auto, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(metrics["controller"], np.mean(c), rtol=1e-6)
-    _, _, feedback = measure("entropy_feedback")
-    assert set(feedback) == {"student_entropy", "teacher_entropy"}
-    np.testing.assert_allclose([feedback["student_entropy"], feedback["teacher_entropy"]],
-                               want[3:], rtol=1e-5)
+    if kind == "scalar":  # per-class entropy feedback is refused (test below)
+        _, _, _, feedback = measure("entropy_feedback")
+        assert set(feedback) == {"student_entropy", "teacher_entropy"}
+        np.testing.assert_allclose([feedback["student_entropy"], feedback["teacher_entropy"]],
+                                   want[3:], rtol=1e-5)
 
 
 def test_objective_at_unit_controller_is_vanilla_kd():
     z_s, z_t, batch = logits_and_labels(2)
     opt_state = controllers.entropy_controller().init({})
-    dynamic = dynamic_kd.dynamic_kd_objective(4.0, 0.1, 0.9, "scalar", "gradient")
-    vanilla = common.kd_objective(4.0, 0.1, 0.9)
-    assert dynamic(z_s, {}, batch, z_t, opt_state)[0] == vanilla(z_s, {}, batch, z_t, None)[0]
+    dynamic = dynamic_objective("scalar", "gradient")
+    vanilla = distill.objective(KD(weight=0.9, temperature=4.0), 0.1)
+    student, teacher = Outputs(z_s, {}), Outputs(z_t, {})
+    assert (dynamic(student, teacher, batch, Aux({}, {}, opt_state, 0))[0]
+            == vanilla(student, teacher, batch, Aux({}, {}, None, 0))[0])
     with pytest.raises(ValueError, match="entropy_feedback"):
-        dynamic_kd.dynamic_kd_objective(4.0, 0.1, 0.9, "scalar", "feedback")
+        dynamic_objective("scalar", "feedback")
 
 
 def test_resume_restores_the_controller_and_never_duplicates_log_lines(e2e, straight,
@@ -156,7 +166,7 @@ def test_resume_restores_the_controller_and_never_duplicates_log_lines(e2e, stra
 
 def test_unimplemented_controller_kind_fails_before_training(tmp_path):
     config = tiny(steps=1)
-    config.dynamic_kd.controller.kind = "per_sample"
+    config.distill.dynamic_kd.kind = "per_sample"
     with pytest.raises(ValueError, match="'per_sample' is not implemented"):
         dynamic_kd.run(config, tmp_path)
     assert not (tmp_path / "teacher").exists()
@@ -164,8 +174,8 @@ def test_unimplemented_controller_kind_fails_before_training(tmp_path):
 
 def test_per_class_entropy_feedback_is_rejected_before_training(tmp_path):
     config = tiny(steps=1)
-    config.dynamic_kd.controller.kind = "per_class"
-    config.dynamic_kd.controller.mode = "entropy_feedback"
+    config.distill.dynamic_kd.kind = "per_class"
+    config.distill.dynamic_kd.mode = "entropy_feedback"
     with pytest.raises(ValueError, match="kind='per_class' with mode='entropy_feedback'"):
         dynamic_kd.run(config, tmp_path)
     assert not (tmp_path / "teacher").exists()

@@ -9,6 +9,7 @@ import pytest
 
 from kdjax import config_lib, models
 from kdjax.data import pipeline as data_pipeline
+from kdjax.distill import Outputs
 from kdjax.pruning.learned_masks import LearnedMasks, binary_masks
 from kdjax.pipelines import common, pdd
 from kdjax.pruning import compact as compact_lib
@@ -161,11 +162,11 @@ def test_flops_extension_ratio_and_gradient():
             / cost_lib.model_cost(model, (16, 16, 3))["macs"])
     assert abs(float(features["macs_ratio"]) - want) < 1e-5
     # the penalty alone pushes the mask logits (through the straight-through gradient)
-    objective = pdd.with_flops_penalty(lambda *a: (0.0, {}, {}), target=0.0, weight=1.0)
+    regularizer = pdd.flops_penalty(target=0.0, weight=1.0)
 
     def penalty(params):
         logits, feats = wrapped.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
-        return objective(logits, feats, None, None, None)[0]
+        return regularizer(Outputs(logits, feats))[0]
 
     grads = jax.grad(penalty)(variables["params"])["mask_logits"]
     assert all(float(jnp.sum(g)) > 0 for g in grads.values())  # lowering logits lowers MACs

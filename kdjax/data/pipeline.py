@@ -8,8 +8,10 @@ augmentation parameters are drawn for the whole global batch from
 depend only on ``(seed, step)``, the iterator state is just the next step, and
 the processes' slices together equal the single-process batch.
 
-A batch is ``{"image": float32 [B,H,W,C], "label": int32 [B]}`` (eval batches
-add ``"mask": float32 [B]``) with ``B = global_batch_size // process_count``.
+A training batch is ``{"image": float32 [B,H,W,C], "label": int32 [B],
+"index": int32 [B]}`` (``index``: each example's position in the training split,
+e.g. a row of a CRD memory bank); eval batches are ``{"image", "label", "mask":
+float32 [B]}``. ``B = global_batch_size // process_count``.
 """
 
 from __future__ import annotations
@@ -144,15 +146,16 @@ class _TrainBatch(_SplitReader):
       offsets, flips = crop_flip_params(rng, g, self.padding)
       images = crop_flip(images, offsets[mine], flips[mine], self.padding)
     return {"image": normalize(images, self.mean, self.std),
-            "label": self.labels[idx[mine]]}
+            "label": self.labels[idx[mine]],
+            "index": idx[mine].astype(np.int32)}
 
 
 def make_train_iterator(source, data_cfg, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1):
   """An endless iterator of this process's training batches.
 
-  Yields {"image": float32 [B,H,W,C], "label": int32 [B]} with
-  B = global_batch_size // process_count. Each epoch is a fresh permutation
+  Yields {"image": float32 [B,H,W,C], "label": int32 [B], "index": int32 [B]}
+  (dataset indices of the examples) with B = global_batch_size // process_count. Each epoch is a fresh permutation
   seeded by (seed, epoch), its last incomplete batch dropped. The returned
   grain iterator has ``get_state()`` (a JSON-serialisable dict) and
   ``set_state(state)``; ``data_cfg.num_workers > 0`` prefetches in grain

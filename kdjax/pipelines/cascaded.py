@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kdjax import losses, models
+from kdjax import distill, losses, models
+from kdjax.distill.methods import KD
 from kdjax.data import pipeline as data_pipeline
 from kdjax.pipelines import common
 from kdjax.pruning import cascade as cascade_lib
@@ -375,7 +376,7 @@ def export_levels(ctx, model, state: CascadeState, schedule: Schedule) -> list[d
 def kd_objective(config):
     """The fine-tuning objective: Hinton KD with the ``distill`` section's T, γ, β."""
     d = config.distill
-    return common.kd_objective(d.temperature, d.ce_weight, d.weight)
+    return distill.objective(KD(weight=d.weight, temperature=d.temperature), d.ce_weight)
 
 
 def finetune_student(ctx, model, state: CascadeState, rows: list[dict]) -> dict:

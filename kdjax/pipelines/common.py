@@ -4,6 +4,7 @@ and obtaining a teacher (from a checkpoint or trained first under workdir/teache
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any
 
@@ -11,8 +12,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import logging
+import optax
 
-from kdjax import losses, models
+from kdjax import distill as distill_lib
+from kdjax import models
+from kdjax.distill import Outputs
 from kdjax.data import load_splits, pipeline as data_pipeline
 from kdjax.train import checkpoint as ckpt_lib
 from kdjax.train import loop, optim, sharding
@@ -59,35 +63,48 @@ def init_variables(model, input_shape, seed: int) -> dict:
     return model.init(jax.random.PRNGKey(seed), dummy)
 
 
-def supervised_objective(logits, features, batch, teacher_logits, opt_state):
-    """Plain cross-entropy: CE(z_s, y)."""
-    ce = losses.cross_entropy(logits, batch["label"])
-    return ce, {"loss": ce, "ce": ce}, {}
+supervised_objective = distill_lib.SUPERVISED  # plain cross-entropy: CE(z_s, y)
 
 
-def kd_objective(temperature: float, ce_weight: float, kd_weight: float):
-    """Hinton KD objective: γ·CE(z_s, y) + α·T²·KL(p_t ‖ p_s)."""
-
-    def objective(logits, features, batch, teacher_logits, opt_state):
-        ce = losses.cross_entropy(logits, batch["label"])
-        kd = losses.kd_loss(logits, teacher_logits, temperature)
-        loss = ce_weight * ce + kd_weight * kd
-        return loss, {"loss": loss, "ce": ce, "kd": kd}, {}
-
-    return objective
+def output_shapes(model, variables, input_shape, batch_size: int):
+    """``Outputs`` of ``model`` for a batch ``[batch_size, *input_shape]`` as
+    ``jax.ShapeDtypeStruct`` leaves (nothing is computed)."""
+    dummy = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
+    return jax.eval_shape(lambda v, x: Outputs(*model.apply(v, x, train=False)),
+                          variables, dummy)
 
 
-def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
-              teacher=None, widths=None, tx_extra=None, on_log=None, model=None,
-              initial_variables=None) -> tuple[dict, dict]:
+def init_distill(ctx: Context, method, model, variables, teacher, batch_size: int):
+    """A method's initial (params, state) for this student/teacher pair and dataset
+    (CRD's memory banks get one row per training example)."""
+    teacher_model, teacher_variables = teacher
+    student = output_shapes(model, variables, ctx.input_shape, batch_size)
+    teacher_out = output_shapes(teacher_model, teacher_variables, ctx.input_shape, batch_size)
+    rng = jax.random.PRNGKey(ctx.config.seed + 2)
+    return method.init(rng, student, teacher_out, len(ctx.splits.train))
+
+
+def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, **kwargs
+              ) -> tuple[dict, dict]:
+    """`train_stage`, returning (final model variables, results dict)."""
+    state, results = train_stage(ctx, name, model_name, optim_cfg, objective, **kwargs)
+    return state.variables, results
+
+
+def train_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
+                teacher=None, widths=None, on_log=None, model=None,
+                initial_variables=None, distill_variables=None) -> tuple[Any, dict]:
     """Train zoo model ``model_name`` (with optional group ``widths``) as stage ``name``
     under ``workdir/name``, from scratch or from ``initial_variables`` (fine-tuning).
 
-    teacher: optional (model, variables) whose eval-mode logits feed ``objective``.
-    tx_extra: optional optax transformation chained after SGD (e.g. a controller).
+    objective: a ``kdjax.distill.Objective`` (or ``InitStageObjective``); its method's
+      params/state are initialised here (``method.init``), then passed through
+      ``distill_variables(params, state) -> (params, state)`` when given (init stages);
+      its ``transform`` (e.g. DynamicKD's controller) is chained after SGD.
+    teacher: optional (model, variables) whose eval-mode outputs feed ``objective``.
     model: optional module to train instead of the zoo model (e.g. a zoo model wrapped
       with learned masks); ``model_name`` then only labels its checkpoints.
-    Returns (final variables, results dict).
+    Returns (final TrainState, results dict).
     """
     config = ctx.config
     if model is None:
@@ -101,15 +118,24 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
     tx = optim.sgd(optim_cfg, steps_per_epoch)
-    if tx_extra is not None:
-        import optax
-
-        tx = optax.chain(tx, tx_extra)
     # A copy: the stage donates its state, and the caller's arrays may share buffers with
     # arrays still in use (e.g. the unpruned teacher's, for leaves compaction kept as is).
     variables = (jax.tree.map(jnp.array, initial_variables) if initial_variables
                  else init_variables(model, ctx.input_shape, config.seed))
-    state = TrainState.create(variables, tx, jax.random.PRNGKey(config.seed + 1))
+    method = getattr(objective, "method", None)
+    distill_params, distill_state = {}, {}
+    if method is not None:
+        method = method.for_stage(steps_per_epoch)
+        objective = dataclasses.replace(objective, method=method)
+        extra = method.transform(ctx.num_classes, steps_per_epoch)
+        if extra is not None:
+            tx = optax.chain(tx, extra)
+        distill_params, distill_state = init_distill(ctx, method, model, variables, teacher,
+                                                     batch_size)
+        if distill_variables is not None:
+            distill_params, distill_state = distill_variables(distill_params, distill_state)
+    state = TrainState.create(variables, tx, jax.random.PRNGKey(config.seed + 1),
+                              distill_params, distill_state)
     train_iter = data_pipeline.make_train_iterator(
         ctx.splits.train, config.data, global_batch_size=batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -129,6 +155,76 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
         on_log=on_log)
     results["model"] = model_name
     ckpt_lib.save_json(stage.dir / "results.json", results)
+    return state, results
+
+
+def teacher_and_method(ctx: Context, student_model):
+    """The teacher (`obtain_teacher`) and ``config.distill``'s method for this pair.
+
+    The method and its taps are checked against the configured ``teacher.name`` before
+    any teacher is trained, and again against the teacher actually obtained.
+    Returns ((teacher model, variables), teacher results, method).
+    """
+    configured = models.get_model(ctx.config.teacher.name, ctx.num_classes)
+    distill_lib.make_method(ctx.config.distill, student_taps=student_model.taps(),
+                            teacher_taps=configured.taps())
+    teacher_model, teacher_vars, teacher_results = obtain_teacher(ctx)
+    check_pair(teacher_model, student_model, ctx)
+    method = make_method(ctx, student_model, teacher_model)
+    return (teacher_model, teacher_vars), teacher_results, method
+
+
+def make_method(ctx: Context, student_model, teacher_model):
+    """``config.distill``'s method, its taps checked against the student and the teacher;
+    logs the effective weights."""
+    cfg = ctx.config.distill
+    method = distill_lib.make_method(cfg, student_taps=student_model.taps(),
+                                     teacher_taps=teacher_model.taps())
+    gamma = distill_lib.ce_weight(cfg, method)
+    log.info("distill: %s (weight β = %g%s, CE weight γ = %g%s, student taps %s, teacher "
+             "taps %s)", method.name, method.weight,
+             " = the method's default" if cfg.weight < 0 else "", gamma,
+             " = the method's default" if cfg.ce_weight < 0 else "",
+             list(method.s_taps), list(method.t_taps))
+    return method
+
+
+def distill_stage(ctx: Context, name: str, model_name: str, optim_cfg, method, teacher, *,
+                  regularizer=None, **kwargs) -> tuple[dict, dict]:
+    """Stage ``name``: γ·CE + the method's term from the teacher, preceded, for a method
+    with an initialisation stage (and ``distill.init_epochs`` > 0), by the resumable
+    stage ``<name>_init`` (same optimiser at a constant lr, init_epochs epochs, the
+    method's init loss alone) whose result initialises it: its adapters, and the
+    student's feature layers when the method trains them (the classifier ``fc`` keeps
+    its initial value, as in RepDistiller). kwargs: as `train_stage`.
+    Returns (final model variables, results); results of the init stage, if any, under
+    results["init_stage"].
+    """
+    cfg = ctx.config.distill
+    init_results = None
+    if method.init_stage and cfg.init_epochs > 0:
+        init_optim = optim_cfg.copy_and_resolve_references()
+        init_optim.epochs, init_optim.schedule = cfg.init_epochs, "constant"
+        init_optim.warmup_epochs = 0.0
+        state, init_results = train_stage(
+            ctx, f"{name}_init", model_name, init_optim,
+            distill_lib.InitStageObjective(method), teacher=teacher,
+            distill_variables=method.init_stage_variables, **kwargs)
+        if method.init_stage_trains_student:
+            model = kwargs.get("model") or models.get_model(model_name, ctx.num_classes,
+                                                            kwargs.get("widths"))
+            fresh = kwargs.get("initial_variables") or init_variables(
+                model, ctx.input_shape, ctx.config.seed)
+            kwargs["initial_variables"] = keep_head(state.variables, fresh)
+        kwargs["distill_variables"] = functools.partial(
+            method.after_init_stage, trained_params=state.distill_params,
+            trained_state=state.distill_state)
+    objective = distill_lib.Objective(method, distill_lib.ce_weight(cfg, method),
+                                      regularizer)
+    state, results = train_stage(ctx, name, model_name, optim_cfg, objective,
+                                 teacher=teacher, **kwargs)
+    if init_results is not None:
+        results["init_stage"] = init_results
     return state.variables, results
 
 
@@ -176,6 +272,13 @@ def load_teacher(path, select: str) -> tuple[dict, dict, dict]:
             "data": {k: data.get(k) for k in ("name", "source", "validation_size",
                                               "train_size")}}
     return spec, variables, info
+
+
+def keep_head(trained: dict, fresh: dict) -> dict:
+    """``trained`` variables with every classifier (``fc``) leaf taken from ``fresh``."""
+    def pick(path, t, f):
+        return f if any(getattr(k, "key", None) == "fc" for k in path) else t
+    return jax.tree_util.tree_map_with_path(pick, trained, fresh)
 
 
 def obtain_teacher(ctx: Context) -> tuple[Any, dict, dict]:

@@ -5,7 +5,8 @@ Stages (each resumable, under ``workdir/<stage>/``):
   teacher      — loaded from ``config.teacher.checkpoint`` or trained first;
   student, kd  — with ``dynamic_kd.baselines``: the student from scratch and vanilla KD
                  with the same teacher, budget and temperature (``kd.baseline_stages``);
-  dynamic_kd   — γ·CE(z_s, y) + α·T²·KL(p_t ‖ q_c), q_c = softmax(c·z_s/T), with c read
+  dynamic_kd   — γ·CE(z_s, y) + α·T²·KL(p_t ‖ q_c), q_c = softmax(c·z_s/T): the
+                 ``dynamic_kd`` method of ``kdjax.distill`` (``config.distill``), c read
                  from the optimizer state and updated by
                  ``kdjax.controllers.entropy_controller`` (chained after SGD).
 Every step's metrics (c, ∂L_KD/∂c, H(q_c), H(p_t), KD and CE terms, loss) go to
@@ -17,77 +18,11 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
-
-from kdjax import controllers, losses, models
-from kdjax.data import pipeline as data_pipeline
+from kdjax import models
+from kdjax.distill.methods import KD
 from kdjax.pipelines import common, kd
 
 STAGE = "dynamic_kd"
-KINDS = ("scalar", "per_class")
-
-
-def dynamic_kd_objective(temperature: float, ce_weight: float, kd_weight: float, kind: str,
-                         mode: str):
-    """γ·CE(z_s, y) + α·T²·KL(p_t ‖ q_c) with q_c = softmax(c·z_s/T), p_t = softmax(z_t/T).
-
-    c = controllers.controller_value(opt_state). The optimizer state is not
-    differentiated, so c is a constant for the model gradient; the controller's own
-    measurement leaves as the optimizer's extra arguments (on the stopped logits):
-      mode "gradient":         controller_grad = ∂L_KD/∂c
-                               = T·mean_i(E_{q_c}[z_s,i] − E_{p_t}[z_s,i]),
-                               per class k: T·mean_i z_s,ik·(q_ik − p_ik);
-      mode "entropy_feedback": student_entropy = H(q_c), teacher_entropy = H(p_t).
-    Metrics: loss, ce, kd, controller (mean of c; per class also its min and max),
-    controller_grad (mean), H_q = H(q_c), H_p = H(p_t).
-    """
-    if mode not in ("gradient", "entropy_feedback"):
-        raise ValueError(f"dynamic_kd.controller.mode={mode!r}; valid: 'gradient', "
-                         f"'entropy_feedback'")
-
-    def objective(logits, features, batch, teacher_logits, opt_state):
-        c = controllers.controller_value(opt_state)
-        ce = losses.cross_entropy(logits, batch["label"])
-        kd_term = losses.dynamic_kd_loss(logits, teacher_logits, c, temperature,
-                                         controller_kind=kind)
-        loss = ce_weight * ce + kd_weight * kd_term
-        z = jax.lax.stop_gradient(logits)
-        h_q, h_p = controllers.controller_entropies(z, teacher_logits, c, temperature,
-                                                    controller_kind=kind)
-        grad_c = controllers.kd_controller_grad(z, teacher_logits, c, temperature,
-                                                controller_kind=kind)
-        metrics = {"loss": loss, "ce": ce, "kd": kd_term, "controller": c.mean(),
-                   "controller_grad": grad_c.mean(), "H_q": h_q, "H_p": h_p}
-        if kind == "per_class":
-            metrics.update(controller_min=c.min(), controller_max=c.max())
-        if mode == "gradient":
-            extra = {"controller_grad": grad_c}
-        else:
-            extra = {"student_entropy": h_q, "teacher_entropy": h_p}
-        return loss, metrics, extra
-
-    return objective
-
-
-def controller_transform(controller_cfg, num_classes: int, steps_per_epoch: int):
-    """``entropy_controller`` of ``config.dynamic_kd.controller``; warm-up epochs → steps
-    (round(warmup_epochs · steps_per_epoch))."""
-    c = controller_cfg
-    if c.kind not in KINDS:
-        raise ValueError(f"dynamic_kd.controller.kind={c.kind!r} is not implemented; valid: "
-                         f"{', '.join(KINDS)} (no per-sample head: docs/dynamic_kd.md)")
-    if c.kind == "per_class" and c.mode == "entropy_feedback":
-        raise ValueError(
-            "dynamic_kd.controller.kind='per_class' with mode='entropy_feedback' is not "
-            "supported: the objective measures batch-mean entropies H(q_c), H(p_t), which "
-            "would move every class's c by the same factor (a scalar controller in "
-            "disguise); valid: kind='scalar' with mode='entropy_feedback', or "
-            "kind='per_class' with mode='gradient'")
-    return controllers.entropy_controller(
-        learning_rate=c.lr, init=c.init, clip=tuple(c.clip), kind=c.kind,
-        num_classes=num_classes if c.kind == "per_class" else None, mode=c.mode,
-        feedback_rate=c.feedback_rate,
-        warmup_steps=int(round(c.warmup_epochs * steps_per_epoch)))
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
@@ -155,27 +90,23 @@ def final_controller(rows: list[dict]) -> dict:
 def run(config, workdir) -> dict:
     """Teacher → (student from scratch, vanilla KD) → DynamicKD; writes summary.json."""
     ctx = common.setup(config, workdir)
-    cfg = config.dynamic_kd
-    steps_per_epoch = data_pipeline.steps_per_epoch(len(ctx.splits.train),
-                                                    config.optim.batch_size)
-    controller = controller_transform(cfg.controller, ctx.num_classes, steps_per_epoch)
-    objective = dynamic_kd_objective(cfg.temperature, cfg.ce_weight, cfg.kd_weight,
-                                     cfg.controller.kind, cfg.controller.mode)
-    teacher_model, teacher_vars, teacher_results = common.obtain_teacher(ctx)
+    if config.distill.method != STAGE:
+        raise ValueError(f"the dynamic_kd pipeline needs distill.method='dynamic_kd', got "
+                         f"{config.distill.method!r} (other methods: configs/kd.py)")
     student_model = models.get_model(config.student.name, ctx.num_classes)
-    common.check_pair(teacher_model, student_model, ctx)
-    teacher = (teacher_model, teacher_vars)
+    teacher, teacher_results, method = common.teacher_and_method(ctx, student_model)
     results = {"teacher": teacher_results}
-    if cfg.baselines:
-        results.update(kd.baseline_stages(
-            ctx, config.student.name, config.optim, teacher, temperature=cfg.temperature,
-            ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, from_scratch=True))
+    if config.dynamic_kd.baselines:
+        vanilla = KD(weight=method.weight, temperature=method.temperature,
+                     standardize_logits=method.standardize_logits)
+        results.update(kd.baseline_stages(ctx, config.student.name, config.optim, teacher,
+                                          vanilla, from_scratch=True))
     stage_dir = ctx.workdir / STAGE
     stage_dir.mkdir(parents=True, exist_ok=True)
     jsonl = stage_dir / "controller.jsonl"
-    _, results[STAGE] = common.run_stage(
-        ctx, STAGE, config.student.name, config.optim, objective, teacher=teacher,
-        tx_extra=controller, on_log=StepLog(jsonl))
+    _, results[STAGE] = common.distill_stage(
+        ctx, STAGE, config.student.name, config.optim, method, teacher,
+        on_log=StepLog(jsonl))
     rows = read_rows(jsonl)
     if rows:
         results[STAGE].update(final_controller(rows))

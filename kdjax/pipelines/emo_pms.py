@@ -697,6 +697,9 @@ def run(config, workdir) -> dict:
     if emo.crossover not in CROSSOVERS:
         raise ValueError(f"unknown emo.crossover {emo.crossover!r}; valid: {sorted(CROSSOVERS)}")
     ctx = common.setup(config, workdir)
+    if emo.finetune_kd:  # a bad distill method or tap fails before the search
+        unpruned = models.get_model(config.teacher.name, ctx.num_classes)
+        common.make_method(ctx, unpruned, unpruned)
     net, teacher_results = prepare(ctx)
     ctx = network_context(ctx, teacher_results)
     search_ctx = search_context(ctx, teacher_results["data_seed"])
@@ -735,14 +738,15 @@ def finish(ctx, net: Network, masks: dict, variables: dict, info: dict,
              config.target_flops_ratio, dense["params"], pruned["params"])
     unpruned = common.evaluate_model(ctx, net.model, net.variables)
     before = common.evaluate_model(ctx, small_model, small_vars)
-    kd = emo.finetune_kd
-    objective = (common.kd_objective(emo.kd_temperature, emo.kd_ce_weight, emo.kd_weight)
-                 if kd else common.supervised_objective)
     name = teacher_results.get("model", config.teacher.name)
-    _, finetune = common.run_stage(
-        ctx, f"{emo.method}/finetune", name, emo.finetune, objective,
-        teacher=(net.model, net.variables) if kd else None, widths=kept, model=small_model,
-        initial_variables=small_vars)
+    stage = dict(widths=kept, model=small_model, initial_variables=small_vars)
+    if emo.finetune_kd:  # distil from the unpruned network with config.distill's method
+        method = common.make_method(ctx, small_model, net.model)
+        _, finetune = common.distill_stage(ctx, f"{emo.method}/finetune", name, emo.finetune,
+                                           method, (net.model, net.variables), **stage)
+    else:
+        _, finetune = common.run_stage(ctx, f"{emo.method}/finetune", name, emo.finetune,
+                                       common.supervised_objective, **stage)
     results = {
         "method": emo.method, "model": name, "target_flops_ratio": config.target_flops_ratio,
         "unpruned": {"macs": dense["macs"], "params": dense["params"],

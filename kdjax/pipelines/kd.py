@@ -1,9 +1,15 @@
-"""Pipeline ``kd``: vanilla Hinton KD, reported beside the teacher and a student from scratch.
+"""Pipeline ``kd``: a student distilled from a teacher with ``distill.method`` (Hinton KD
+by default; any method of ``kdjax.distill.METHODS``), reported beside the teacher and a
+student from scratch.
 
 Stages (each resumable, each under ``workdir/<stage>/``):
-  teacher  — loaded from ``config.teacher.checkpoint`` or trained first;
-  student  — the student trained from scratch with CE (skipped if ``kd.baseline=False``);
-  kd       — the student trained with γ·CE + α·T²·KL(p_t ‖ p_s) from the teacher.
+  teacher        — loaded from ``config.teacher.checkpoint`` or trained first;
+  student        — the student trained from scratch with CE (skipped if
+                   ``kd.baseline=False``);
+  <method>_init  — methods with an initialisation stage (fitnet, ab, ft, fsp): its loss
+                   alone for ``distill.init_epochs`` epochs;
+  <method>       — the student trained with γ·CE + the method's term from the teacher
+                   (stage ``kd`` for Hinton KD: γ·CE + α·T²·KL(p_t ‖ p_s)).
 """
 
 from __future__ import annotations
@@ -28,18 +34,18 @@ def summary_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def baseline_stages(ctx, student_name: str, optim_cfg, teacher, *, temperature: float,
-                    ce_weight: float, kd_weight: float, from_scratch: bool) -> dict:
-    """The comparison every KD method is judged against, with one teacher and budget:
-    the student from scratch (stage ``student``, if ``from_scratch``) and vanilla KD
-    (stage ``kd``). Returns {stage: results}."""
+def baseline_stages(ctx, student_name: str, optim_cfg, teacher, method, *,
+                    from_scratch: bool) -> dict:
+    """The comparison every distillation method is judged against, with one teacher and
+    budget: the student from scratch (stage ``student``, if ``from_scratch``) and the
+    student distilled with ``method`` (stage ``<method.name>``, preceded by its init
+    stage if it has one). Returns {stage: results}."""
     results = {}
     if from_scratch:
         _, results["student"] = common.run_stage(
             ctx, "student", student_name, optim_cfg, common.supervised_objective)
-    objective = common.kd_objective(temperature, ce_weight, kd_weight)
-    _, results["kd"] = common.run_stage(ctx, "kd", student_name, optim_cfg, objective,
-                                        teacher=teacher)
+    _, results[method.name] = common.distill_stage(ctx, method.name, student_name,
+                                                   optim_cfg, method, teacher)
     return results
 
 
@@ -52,15 +58,12 @@ def report(ctx, results: dict) -> None:
 
 
 def run(config, workdir) -> dict:
-    """Teacher → (student from scratch) → KD student; writes ``workdir/summary.json``."""
+    """Teacher → (student from scratch) → distilled student; writes ``workdir/summary.json``."""
     ctx = common.setup(config, workdir)
-    teacher_model, teacher_vars, teacher_results = common.obtain_teacher(ctx)
     student_model = models.get_model(config.student.name, ctx.num_classes)
-    common.check_pair(teacher_model, student_model, ctx)
+    teacher, teacher_results, method = common.teacher_and_method(ctx, student_model)
     results = {"teacher": teacher_results}
-    results.update(baseline_stages(
-        ctx, config.student.name, config.optim, (teacher_model, teacher_vars),
-        temperature=config.kd.temperature, ce_weight=config.kd.ce_weight,
-        kd_weight=config.kd.kd_weight, from_scratch=config.kd.baseline))
+    results.update(baseline_stages(ctx, config.student.name, config.optim, teacher, method,
+                                   from_scratch=config.kd.baseline))
     report(ctx, results)
     return results

@@ -2,16 +2,20 @@
 
 Stages (each resumable, under ``workdir/<stage>/``):
   teacher   — pre-trained teacher (``config.teacher.checkpoint``) or trained first;
-  kd        — optional: the unpruned student trained with the same KD loss, for the
-              "unpruned student with KD vs pruned" comparison (``pdd.kd_baseline``);
-  masks     — stage 1: KD while learning one differentiable mask vector per masked group
-              (kdjax.pruning.learned_masks); the masks of the checkpoint with the best
-              VALIDATION accuracy are kept (never selected on the test split) — with no
-              validation split (``data.validation_size = 0``, the paper presets) those of
-              the LAST checkpoint; which one is logged and recorded (``masks_checkpoint``);
+  kd        — optional: the unpruned student trained with the same distillation loss, for
+              the "unpruned student with KD vs pruned" comparison (``pdd.kd_baseline``);
+  masks     — stage 1: distillation (``config.distill``: PDD's KD by default, any
+              ``kdjax.distill`` method) while learning one differentiable mask vector per
+              masked group (kdjax.pruning.learned_masks); the masks of the checkpoint with
+              the best VALIDATION accuracy are kept (never selected on the test split) —
+              with no validation split (``data.validation_size = 0``, the paper presets)
+              those of the LAST checkpoint; which one is logged and recorded
+              (``masks_checkpoint``);
   finetune  — stage 2: the student is physically compacted with those masks
               (kdjax.pruning.compact), evaluated as is (``before_finetune``), and
-              fine-tuned (CE, or KD with ``pdd.finetune_kd``) from exactly those variables.
+              fine-tuned (CE, or the distillation loss with ``pdd.finetune_kd``) from
+              exactly those variables.
+A method with an initialisation stage (fitnet, ab, ft, fsp) runs ``<stage>_init`` first.
 Writes ``workdir/summary.json`` and ``workdir/summary.md`` (reductions, widths table).
 """
 
@@ -62,17 +66,16 @@ def fallback_groups(params: dict) -> list[str]:
     return sorted(g for g, m in params["mask_logits"].items() if not bool((m > 0).any()))
 
 
-def with_flops_penalty(objective, target: float, weight: float):
-    """Extension, not part of PDD: loss + weight · max(0, r − target), where r =
-    features["macs_ratio"] is the masked/unmasked MACs ratio of LearnedMasks."""
+def flops_penalty(target: float, weight: float):
+    """Extension, not part of PDD: a regulariser (for ``distill.Objective``) adding
+    weight · max(0, r − target), where r = features["macs_ratio"] is the masked/unmasked
+    MACs ratio of LearnedMasks; logs r as "macs_ratio"."""
 
-    def penalised(logits, features, batch, teacher_logits, opt_state):
-        loss, metrics, extra = objective(logits, features, batch, teacher_logits, opt_state)
-        ratio = features["macs_ratio"]
-        loss = loss + weight * jax.nn.relu(ratio - target)
-        return loss, {**metrics, "loss": loss, "macs_ratio": ratio}, extra
+    def penalty(student):
+        ratio = student.features["macs_ratio"]
+        return weight * jax.nn.relu(ratio - target), {"macs_ratio": ratio}
 
-    return penalised
+    return penalty
 
 
 def widths_table(groups: dict[str, int], kept: dict[str, int]) -> str:
@@ -95,24 +98,21 @@ def run(config, workdir) -> dict:
     """Teacher → (KD baseline) → KD with learned masks → compact → fine-tune."""
     ctx = common.setup(config, workdir)
     pdd = config.pdd
-    teacher_model, teacher_vars, teacher_results = common.obtain_teacher(ctx)
     student = models.get_model(config.student.name, ctx.num_classes)
-    common.check_pair(teacher_model, student, ctx)
-    teacher = (teacher_model, teacher_vars)
-    kd_objective = common.kd_objective(pdd.temperature, pdd.ce_weight, pdd.kd_weight)
+    teacher, teacher_results, method = common.teacher_and_method(ctx, student)
     results = {"teacher": teacher_results}
     if pdd.kd_baseline:
-        _, results["kd"] = common.run_stage(ctx, "kd", config.student.name, pdd.kd_optim,
-                                            kd_objective, teacher=teacher)
+        _, results["kd"] = common.distill_stage(ctx, "kd", config.student.name, pdd.kd_optim,
+                                                method, teacher)
 
     table = cost_lib.cost_table(student, ctx.input_shape) if pdd.flops_target > 0 else None
     wrapped = LearnedMasks(model=student, learned=masked_groups(student, pdd.placement),
                            init_scale=pdd.mask_init_scale, cost_table=table)
-    stage1_objective = kd_objective
-    if pdd.flops_target > 0:
-        stage1_objective = with_flops_penalty(kd_objective, pdd.flops_target, pdd.flops_weight)
-    _, results["masks"] = common.run_stage(ctx, "masks", config.student.name, pdd.stage1,
-                                           stage1_objective, teacher=teacher, model=wrapped)
+    penalty = (flops_penalty(pdd.flops_target, pdd.flops_weight) if pdd.flops_target > 0
+               else None)
+    _, results["masks"] = common.distill_stage(ctx, "masks", config.student.name, pdd.stage1,
+                                               method, teacher, model=wrapped,
+                                               regularizer=penalty)
     best, selection = selected_masks(ctx)
     groups = models.mask_groups(student)
     masks = binary_masks(best["params"], groups)
@@ -130,11 +130,14 @@ def run(config, workdir) -> dict:
     compaction = {"masks_checkpoint": selection, "fallback_groups": fallback,
                   "before_finetune": before}
 
-    finetune_objective = kd_objective if pdd.finetune_kd else common.supervised_objective
-    _, results["finetune"] = common.run_stage(
-        ctx, "finetune", config.student.name, pdd.stage2, finetune_objective,
-        teacher=teacher if pdd.finetune_kd else None, widths=kept, model=small_model,
-        initial_variables=small_vars)
+    finetune = dict(widths=kept, model=small_model, initial_variables=small_vars)
+    if pdd.finetune_kd:
+        _, results["finetune"] = common.distill_stage(
+            ctx, "finetune", config.student.name, pdd.stage2, method, teacher, **finetune)
+    else:
+        _, results["finetune"] = common.run_stage(
+            ctx, "finetune", config.student.name, pdd.stage2, common.supervised_objective,
+            **finetune)
 
     summary = {**summarize(config, ctx, student, small_model, groups, kept, results),
                **compaction}

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kdjax.distill.base import Aux, Outputs
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -16,8 +18,14 @@ class TrainState:
 
     step: int32 scalar, number of optimizer updates applied.
     params / batch_stats: the model's Flax variable collections.
+    distill_params: trainable pytree of the distillation method (adapters, heads; {} if
+      none), optimised with the student: the optimizer runs over
+      ``{"model": params, "distill": distill_params}``.
+    distill_state: the method's non-gradient pytree (e.g. CRD memory banks; {} if none).
     opt_state: optax state (may hold controllers, see kdjax.controllers).
     rng: PRNG key for stochastic parts of a step (split per step, never reused).
+    Checkpoints hold all of it; ``best/`` and exported students hold only the model's
+    params and batch_stats.
     """
 
     step: jax.Array
@@ -25,17 +33,24 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+    distill_params: Any = flax.struct.field(default_factory=dict)
+    distill_state: Any = flax.struct.field(default_factory=dict)
 
     @classmethod
-    def create(cls, variables, tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
-        """Fresh state from initialised model variables and an optimizer."""
+    def create(cls, variables, tx: optax.GradientTransformation, rng: jax.Array,
+               distill_params=None, distill_state=None) -> "TrainState":
+        """Fresh state from initialised model variables, an optimizer and (optionally) a
+        distillation method's initial params and state."""
         params = variables["params"]
+        distill_params = {} if distill_params is None else distill_params
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
+            opt_state=tx.init(trainable(params, distill_params)),
             rng=rng,
+            distill_params=distill_params,
+            distill_state={} if distill_state is None else distill_state,
         )
 
     @property
@@ -44,10 +59,15 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-# An objective maps the student's outputs to a scalar loss:
-#   objective(logits [B,K], features, batch, teacher_logits [B,K] | None, opt_state)
-#     -> (loss, metrics: dict[str, scalar], optimizer_extra_args: dict)
-Objective = Callable[..., tuple[jax.Array, dict, dict]]
+def trainable(params, distill_params) -> dict:
+    """The pytree the optimizer runs over: ``{"model": params, "distill": distill_params}``."""
+    return {"model": params, "distill": distill_params}
+
+
+# An objective (kdjax.distill.Objective) maps both networks' outputs to a scalar loss:
+#   objective(student: Outputs, teacher: Outputs | None, batch, aux: Aux)
+#     -> (loss, metrics: dict[str, scalar], new distill_state, optimizer_extra_args: dict)
+Objective = Callable[..., tuple[jax.Array, dict, Any, dict]]
 
 
 def per_example_hits(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -62,43 +82,48 @@ def per_example_hits(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, j
 def make_train_step(model, tx: optax.GradientTransformation, objective: Objective, teacher=None):
     """Build ``step(state, batch, teacher_variables) -> (state, metrics)``.
 
-    The student runs in train mode (BN batch statistics updated); the teacher, if
-    given, runs in eval mode inside the same compiled program and its logits are
-    constants for the gradient. ``objective`` returns the loss, metrics to log and
-    the extra keyword arguments for ``tx.update`` (e.g. a controller's measured
-    gradient). metrics always include 'loss' and 'accuracy' (batch top-1).
+    The student runs in train mode (BN batch statistics updated); the teacher, if given,
+    runs in eval mode inside the same compiled program, and its ``Outputs(logits,
+    features)`` are constants for the gradient (``stop_gradient``). ``objective`` gets
+    both ``Outputs``, the batch and ``Aux(distill_params, distill_state, opt_state,
+    step)``; it returns the loss, metrics to log, the method's new state and the extra
+    keyword arguments for ``tx.update`` (e.g. a controller's measured gradient). The
+    gradient is taken w.r.t. the student's params and the method's params together.
+    metrics always include 'loss' and 'accuracy' (batch top-1).
     """
 
     def step(state: TrainState, batch: dict, teacher_variables=None):
         images, labels = batch["image"], batch["label"]
-        teacher_logits = None
+        teacher_out = None
         if teacher is not None:
-            teacher_logits, _ = teacher.apply(teacher_variables, images, train=False)
-            teacher_logits = jax.lax.stop_gradient(teacher_logits)
+            teacher_out = jax.lax.stop_gradient(
+                Outputs(*teacher.apply(teacher_variables, images, train=False)))
 
-        def loss_fn(params):
+        def loss_fn(variables):
             (logits, features), updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
+                {"params": variables["model"], "batch_stats": state.batch_stats},
                 images,
                 train=True,
                 mutable=["batch_stats"],
             )
-            loss, metrics, opt_extra = objective(
-                logits, features, batch, teacher_logits, state.opt_state
-            )
-            return loss, (logits, updates["batch_stats"], metrics, opt_extra)
+            aux = Aux(variables["distill"], state.distill_state, state.opt_state, state.step)
+            loss, metrics, distill_state, opt_extra = objective(
+                Outputs(logits, features), teacher_out, batch, aux)
+            return loss, (logits, updates["batch_stats"], metrics, distill_state, opt_extra)
 
-        grads, (logits, batch_stats, metrics, opt_extra) = jax.grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, **opt_extra)
-        params = optax.apply_updates(state.params, updates)
+        current = trainable(state.params, state.distill_params)
+        grads, (logits, batch_stats, metrics, distill_state, opt_extra) = jax.grad(
+            loss_fn, has_aux=True)(current)
+        updates, opt_state = tx.update(grads, state.opt_state, current, **opt_extra)
+        new = optax.apply_updates(current, updates)
         new_state = state.replace(
             step=state.step + 1,
-            params=params,
+            params=new["model"],
             batch_stats=batch_stats,
             opt_state=opt_state,
             rng=jax.random.fold_in(state.rng, state.step),
+            distill_params=new["distill"],
+            distill_state=distill_state,
         )
         metrics = dict(metrics)
         metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
