@@ -40,3 +40,11 @@ def test_models_import_nothing_above_them():
     assert files
     offenders = {f.name: upward(imported_modules(f)) for f in files}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_only_reports_imports_matplotlib():
+    root = pathlib.Path(kdjax.__file__).parent
+    users = sorted(str(f.relative_to(root)) for f in root.rglob("*.py")
+                   if any(n == "matplotlib" or n.startswith("matplotlib.")
+                          for n in imported_modules(f)))
+    assert users == ["reports.py"]

@@ -16,22 +16,11 @@ from __future__ import annotations
 
 import logging
 
-from kdjax import models
+from kdjax import models, reports
 from kdjax.pipelines import common
 from kdjax.train import checkpoint as ckpt_lib
 
 log = logging.getLogger("kdjax")
-
-
-def summary_table(results: dict) -> str:
-    """Markdown table of test top-1 (last and best epoch) for each trained stage."""
-    rows = ["| stage | model | test top-1 last | test top-1 best epoch |", "|---|---|---|---|"]
-    for stage, r in results.items():
-        last = r.get("test_top1_last")
-        best = r.get("test_top1_best_epoch")
-        fmt = lambda v: "—" if v is None else f"{v:.2f}"
-        rows.append(f"| {stage} | {r.get('model', '')} | {fmt(last)} | {fmt(best)} |")
-    return "\n".join(rows)
 
 
 def baseline_stages(ctx, student_name: str, optim_cfg, teacher, method, *,
@@ -51,7 +40,7 @@ def baseline_stages(ctx, student_name: str, optim_cfg, teacher, method, *,
 
 def report(ctx, results: dict) -> None:
     """Log and print the results table; write ``workdir/summary.json``."""
-    table = summary_table(results)
+    table = reports.stage_table(results)
     log.info("results:\n%s", table)
     print(table, flush=True)
     ckpt_lib.save_json(ctx.workdir / "summary.json", results)

@@ -25,11 +25,11 @@ import logging
 
 import jax
 
-from kdjax import models
-from kdjax.pruning.learned_masks import LearnedMasks, binary_masks
+from kdjax import models, reports
 from kdjax.pipelines import common
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
+from kdjax.pruning.learned_masks import LearnedMasks, binary_masks
 from kdjax.train import checkpoint as ckpt_lib
 
 log = logging.getLogger("kdjax")
@@ -78,14 +78,6 @@ def flops_penalty(target: float, weight: float):
     return penalty
 
 
-def widths_table(groups: dict[str, int], kept: dict[str, int]) -> str:
-    """Markdown table of kept channels per group."""
-    rows = ["| group | channels | kept | kept % |", "|---|---|---|---|"]
-    for g, c in groups.items():
-        rows.append(f"| {g} | {c} | {kept[g]} | {100.0 * kept[g] / c:.1f} |")
-    return "\n".join(rows)
-
-
 def reduction(pruned: dict, reference: dict) -> dict:
     """Percent of MACs and params removed relative to ``reference``."""
     return {
@@ -124,7 +116,7 @@ def run(config, workdir) -> dict:
     inner = {"params": best["params"]["model"], "batch_stats": best["batch_stats"]["model"]}
     small_model, small_vars = compact_lib.compact(student, inner, masks)
     kept = {g: int(round(float(masks[g].sum()))) for g in groups}
-    log.info("[pdd] widths found:\n%s", widths_table(groups, kept))
+    log.info("[pdd] widths found:\n%s", reports.widths_table(groups, kept))
     before = common.evaluate_model(ctx, small_model, small_vars)
     log.info("[pdd] compacted net before stage 2: %s", before)
     compaction = {"masks_checkpoint": selection, "fallback_groups": fallback,
@@ -142,8 +134,9 @@ def run(config, workdir) -> dict:
     summary = {**summarize(config, ctx, student, small_model, groups, kept, results),
                **compaction}
     ckpt_lib.save_json(ctx.workdir / "summary.json", summary)
-    (ctx.workdir / "summary.md").write_text(summary_markdown(summary, groups, kept))
-    print(summary_markdown(summary, groups, kept), flush=True)
+    markdown = reports.pdd_markdown(summary, groups, kept)
+    (ctx.workdir / "summary.md").write_text(markdown)
+    print(markdown, flush=True)
     return summary
 
 
@@ -180,32 +173,3 @@ def summarize(config, ctx, student, small_model, groups, kept, results) -> dict:
     if "kd" in results:
         summary["unpruned_kd_test_top1"] = results["kd"]["test_top1_last"]
     return summary
-
-
-def summary_markdown(summary: dict, groups, kept) -> str:
-    """README-friendly summary: accuracy, cost and reductions, widths table."""
-    red = summary["reduction_vs_unpruned_student"]
-    lines = [
-        f"## PDD: {summary['student']}",
-        "",
-        "| model | test top-1 | MACs | params |",
-        "|---|---|---|---|",
-    ]
-    if "unpruned_kd_test_top1" in summary:
-        lines.append(f"| unpruned student + KD | {summary['unpruned_kd_test_top1']:.2f} | "
-                     f"{summary['unpruned_cost']['macs'] / 1e6:.2f}M | "
-                     f"{summary['unpruned_cost']['params']:,} |")
-    lines.append(f"| pruned (PDD) | {summary['pruned_test_top1']:.2f} | "
-                 f"{summary['pruned_cost']['macs'] / 1e6:.2f}M | "
-                 f"{summary['pruned_cost']['params']:,} |")
-    before = summary["before_finetune"]
-    lines += ["", "Compacted net before stage 2: " + ", ".join(
-        f"{split} top-1 {r['top1']:.2f}" for split, r in before.items() if r) + "."]
-    lines += ["", f"MACs removed {red['macs_removed_pct']:.2f} %, params removed "
-              f"{red['params_removed_pct']:.2f} % (vs the unpruned student)."]
-    if "reduction_vs_standard_resnet20" in summary:
-        std = summary["reduction_vs_standard_resnet20"]
-        lines.append(f"Against the standard ResNet20: MACs removed {std['macs_removed_pct']:.2f} %, "
-                     f"params removed {std['params_removed_pct']:.2f} %.")
-    lines += ["", widths_table(groups, kept), ""]
-    return "\n".join(lines)
