@@ -30,7 +30,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from kdjax import models  # noqa: E402
 from kdjax.data import MissingDatasetError  # noqa: E402
-from kdjax.pipelines import cascaded, dynamic_kd, emo_pms, kd, pdd, supervised  # noqa: E402
+from kdjax.pipelines import cascaded, cross_layer, dynamic_kd, emo_pms, kd, pdd, supervised  # noqa: E402,E501
 from kdjax.train import checkpoint as ckpt_lib  # noqa: E402
 from kdjax.train.loop import Preempted  # noqa: E402
 
@@ -41,6 +41,7 @@ PIPELINES = {
     "emo_pms": emo_pms.run,
     "kd": kd.run,
     "pdd": pdd.run,
+    "cross_layer": cross_layer.run,
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file (configs/*.py[:preset]).",

@@ -93,7 +93,8 @@ def run_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, **
 
 def train_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, *,
                 teacher=None, widths=None, on_log=None, model=None,
-                initial_variables=None, distill_variables=None) -> tuple[Any, dict]:
+                initial_variables=None, distill_variables=None,
+                config_dict=None) -> tuple[Any, dict]:
     """Train zoo model ``model_name`` (with optional group ``widths``) as stage ``name``
     under ``workdir/name``, from scratch or from ``initial_variables`` (fine-tuning).
 
@@ -104,6 +105,8 @@ def train_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, 
     teacher: optional (model, variables) whose eval-mode outputs feed ``objective``.
     model: optional module to train instead of the zoo model (e.g. a zoo model wrapped
       with learned masks); ``model_name`` then only labels its checkpoints.
+    config_dict: the settings recorded with the stage and compared on resume (default:
+      the whole config).
     Returns (final TrainState, results dict).
     """
     config = ctx.config
@@ -151,7 +154,8 @@ def train_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, 
         stage, mesh=ctx.mesh, state=state, train_step=train_step,
         eval_step=make_eval_step(model), train_iter=train_iter,
         eval_data=loop.EvalData(ctx.splits.validation, ctx.splits.test, config.data),
-        spec=spec, config_dict=config.to_dict(), teacher_variables=teacher_variables,
+        spec=spec, config_dict=config_dict or config.to_dict(),
+        teacher_variables=teacher_variables,
         on_log=on_log)
     results["model"] = model_name
     ckpt_lib.save_json(stage.dir / "results.json", results)
@@ -281,23 +285,31 @@ def keep_head(trained: dict, fresh: dict) -> dict:
     return jax.tree_util.tree_map_with_path(pick, trained, fresh)
 
 
-def obtain_teacher(ctx: Context) -> tuple[Any, dict, dict]:
+def obtain_teacher(ctx: Context, teacher_cfg=None, stage: str = "teacher"
+                   ) -> tuple[Any, dict, dict]:
     """The teacher as (model, variables, results).
 
-    From ``config.teacher.checkpoint`` when set (its model spec must match the data:
-    same classes and input shape), else trained with ``config.teacher.optim`` under
-    ``workdir/teacher`` — resumed, or reused as is when that stage has already finished.
-    Either way the variables are read back from the stage's ``config.teacher.select``
+    From ``teacher_cfg.checkpoint`` when set (its model spec must match the data: same
+    classes and input shape), else trained with ``teacher_cfg.optim`` under
+    ``workdir/<stage>`` — resumed, or reused as is when that stage has already finished.
+    Either way the variables are read back from the stage's ``teacher_cfg.select``
     checkpoint (load_teacher), so one teacher directory gives one teacher to every run.
+    teacher_cfg: a teacher section (name, checkpoint, optim, select); default
+    ``config.teacher``. A trained teacher's stage is checked on resume against the
+    settings that shape it only (seed, data, train, its own section), so changing the
+    distillation settings of a later stage reuses it.
     """
-    teacher_cfg = ctx.config.teacher
+    config = ctx.config
+    teacher_cfg = config.teacher if teacher_cfg is None else teacher_cfg
     results = {}
     path = teacher_cfg.checkpoint
     if not path:
-        _, results = run_stage(ctx, "teacher", teacher_cfg.name, teacher_cfg.optim,
-                               supervised_objective)
-        path = ctx.workdir / "teacher"
-    spec, variables, info = load_teacher(path, teacher_cfg.select)
+        shaping = {"seed": config.seed, "data": config.data.to_dict(),
+                   "train": config.train.to_dict(), "teacher": teacher_cfg.to_dict()}
+        _, results = run_stage(ctx, stage, teacher_cfg.name, teacher_cfg.optim,
+                               supervised_objective, config_dict=shaping)
+        path = ctx.workdir / stage
+    spec, variables, info = load_teacher(path, teacher_cfg.get("select", "last"))
     expected = {"num_classes": ctx.num_classes, "input_shape": list(ctx.input_shape)}
     ckpt_lib.check_compatible(spec, expected, str(path))
     model = models.get_model(spec["name"], spec["num_classes"], spec["widths"] or None)

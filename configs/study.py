@@ -1,0 +1,192 @@
+"""The evidence study: every method against its baseline under one CPU-scale protocol,
+over seeds (``python -m kdjax.study``; protocol and why: BUILD_NOTES "Evidence protocol").
+
+    python -m kdjax.study --config=configs/study.py --workdir=/tmp/study         # everything
+    python -m kdjax.study --config=configs/study.py:quick --workdir=/tmp/study   # KD vs student
+
+Rerunning the same command continues where it stopped; results: DIR/study.md and
+DIR/<comparison>.png. Fewer seeds: ``--config.seeds="(0,1)"``.
+
+The protocol (Fashion-MNIST, 2,000 training examples, no augmentation, batch 64; resnet20
+teacher trained 30 epochs once with seed 0 and shared; resnet8 student, 20 epochs) is applied to every run by
+``overrides`` (data, evaluation cadence) and by each distillation comparison's own
+``overrides`` (the student's budget). The pruning pipelines keep their demo schedules on
+the protocol's data: their budgets are in their own configs and are not tuned here.
+
+A variant with ``requires`` naming config keys its config lacks (a feature not merged on
+this branch) is skipped with the reason in study.md; any other unknown key, or an unknown
+``distill.method``, stops the study before the first run.
+"""
+
+import ml_collections
+
+KD = "configs/kd.py:demo"
+PDD = "configs/pdd.py:demo"
+EMO = "configs/emo_pms.py:demo"
+CASCADED = "configs/cascaded.py:demo"
+CROSS_LAYER = "configs/cross_layer.py:demo"
+
+# The protocol (BUILD_NOTES "Evidence protocol"): data regime shared by every run.
+TRAIN_SIZE = 2000
+BATCH_SIZE = 64
+STUDENT_EPOCHS = 20
+TEACHER_EPOCHS = 30
+STEPS_PER_EPOCH = TRAIN_SIZE // BATCH_SIZE   # the last partial batch is dropped
+PROTOCOL = (
+    ("data.train_size", TRAIN_SIZE),
+    ("data.augment", "none"),
+    ("train.eval_every_steps", 5 * STEPS_PER_EPOCH),   # evaluate every 5 epochs (and at the end)
+)
+STUDENT_BUDGET = (("optim.epochs", STUDENT_EPOCHS), ("optim.batch_size", BATCH_SIZE))
+
+# The loss zoo of kdjax.distill (RepDistiller's methods), each with its published defaults.
+ZOO = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")
+
+
+def variant(name, config, overrides=(), *, stage=None, requires=(), macs="",
+            result=None, best=None, shared_teacher=True):
+    """One bar / point: ``config`` + ``overrides``; its numbers are the results of ``stage``
+    (test_top1_last, test_top1_best_epoch) unless ``result``/``best`` paths are given."""
+    stage = stage or name
+    return ml_collections.ConfigDict(dict(
+        name=name, config=config, overrides=tuple(overrides), requires=tuple(requires),
+        result=result or f"{stage}.test_top1_last",
+        best=f"{stage}.test_top1_best_epoch" if best is None else best,
+        macs=macs, shared_teacher=shared_teacher))
+
+
+def comparison(name, kind, baseline, description, variants, overrides=()):
+    return ml_collections.ConfigDict(dict(
+        name=name, kind=kind, baseline=baseline, description=description,
+        overrides=tuple(overrides), variants=tuple(variants)))
+
+
+def distill_method(method, **extra):
+    """``configs/kd.py`` distilling with ``distill.method=method`` alone (stage ``method``)."""
+    overrides = [("kd.baseline", False), ("distill.method", method)]
+    overrides += [(f"distill.{k}", v) for k, v in extra.items()]
+    return overrides
+
+
+BASELINE_RUN = (("kd.baseline", True),)   # one run: the student alone and vanilla KD
+
+
+def kd_pair():
+    return [variant("student", KD, BASELINE_RUN), variant("kd", KD, BASELINE_RUN)]
+
+
+def distillation():
+    return comparison(
+        "distillation", "distill", "student",
+        "The student alone, vanilla KD, DKD and DynamicKD under the protocol "
+        "(resnet20 → resnet8).",
+        kd_pair() + [
+            variant("dkd", KD, distill_method("dkd"), requires=("distill",)),
+            variant("dynamic_kd", KD, distill_method("dynamic_kd"), requires=("distill",)),
+        ], overrides=STUDENT_BUDGET)
+
+
+def dynamic_kd_variants():
+    return comparison(
+        "dynamic_kd_variants", "distill", "kd",
+        "DynamicKD's controller variants against vanilla KD (scalar c, one c per class, "
+        "the entropy-feedback ablation).",
+        kd_pair() + [
+            variant("scalar", KD, distill_method("dynamic_kd"), stage="dynamic_kd",
+                    requires=("distill",)),
+            variant("per_class", KD,
+                    distill_method("dynamic_kd") + [("distill.dynamic_kd.kind", "per_class")],
+                    stage="dynamic_kd", requires=("distill",)),
+            variant("entropy_feedback", KD,
+                    distill_method("dynamic_kd") + [("distill.dynamic_kd.mode",
+                                                     "entropy_feedback")],
+                    stage="dynamic_kd", requires=("distill",)),
+        ], overrides=STUDENT_BUDGET)
+
+
+def loss_zoo():
+    return comparison(
+        "loss_zoo", "distill", "kd",
+        "The distillation zoo, each method with RepDistiller's default weights, against "
+        "vanilla KD.",
+        kd_pair() + [variant(m, KD, distill_method(m), requires=("distill",)) for m in ZOO],
+        overrides=STUDENT_BUDGET)
+
+
+# PDD's demo pruned resnet14 to about 68 % of its MACs (BUILD_NOTES, PDD demo); L1 and
+# Taylor prune the same architecture (trained in their run with CE) to that ratio.
+PDD_RATIO = 0.68
+
+
+def pdd():
+    def saliency(method):
+        return variant(method, EMO, [("emo.method", method), ("teacher.name", "resnet14"),
+                                     ("target_flops_ratio", PDD_RATIO)],
+                       stage="finetune", macs="pruned.macs", shared_teacher=False)
+
+    return comparison(
+        "pdd", "pruning", "l1",
+        "PDD (resnet20 → resnet14, masks learned with KD) against L1-norm and Taylor "
+        f"channel pruning of resnet14 to the MACs ratio PDD reached on the demo "
+        f"({PDD_RATIO}), every method with its own demo schedule on the protocol's data.",
+        [variant("pdd", PDD, stage="stages.finetune", macs="pruned_cost.macs"),
+         variant("unpruned_kd", PDD, stage="stages.kd", macs="unpruned_cost.macs"),
+         saliency("l1"), saliency("taylor")])
+
+
+def emo_pms():
+    return comparison(
+        "emo_pms", "pruning", "l1",
+        "EMO-PMS against its four baselines, each pruning the shared resnet20 to ≤ 50 % "
+        "of its MACs and fine-tuning it.",
+        [variant(m, EMO, [("emo.method", m)], stage="finetune", macs="pruned.macs")
+         for m in ("emo_pms", "uniform", "l1", "taylor", "whole_nsga2")])
+
+
+def cascaded():
+    def level(name, overrides):
+        return variant(name, CASCADED, overrides, result="levels.-1.test_top1", best="",
+                       macs="levels.-1.macs")
+
+    return comparison(
+        "cascaded", "pruning", "oneshot_l1",
+        "Cascaded pruning with 0–3 teaching assistants against one-shot L1 / Taylor "
+        "pruning + KD, the shared resnet20 pruned to 50 % of its MACs.",
+        [level(f"tas{k}", [("cascade.num_tas", k)]) for k in range(4)]
+        + [level(m, [("cascade.method", m)]) for m in ("oneshot_l1", "oneshot_taylor")])
+
+
+def cross_layer():
+    ablations = (("cross_layer.ablations", True),)
+    names = {"student": "student", "kd_teacher": "kd_teacher", "kd_ensemble": "kd_ensemble",
+             "stage1_kd_teacher": "stage1_kd_teacher", "cross_layer": "stage2"}
+    return comparison(
+        "cross_layer", "distill", "student",
+        "Cross-layer Gram KD and its ablations (one run per seed, its own two teachers).",
+        [variant(name, CROSS_LAYER, ablations, stage=stage) for name, stage in names.items()])
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seeds = (0, 1, 2)
+    config.overrides = PROTOCOL
+    config.teacher = ml_collections.ConfigDict(dict(
+        config="configs/supervised.py:demo", seed=0, stage="model",
+        overrides=(("model.name", "resnet20"), ("optim.epochs", TEACHER_EPOCHS),
+                   ("optim.batch_size", BATCH_SIZE))))
+    if arg == "":
+        config.description = ("Every pipeline and method under the evidence protocol "
+                              "(BUILD_NOTES \"Evidence protocol\").")
+        config.comparisons = (distillation(), dynamic_kd_variants(), loss_zoo(), pdd(),
+                              emo_pms(), cascaded(), cross_layer())
+    elif arg == "quick":
+        config.description = ("The protocol's own check: vanilla KD against the student "
+                              "alone (BUILD_NOTES \"Evidence protocol\").")
+        config.comparisons = (comparison(
+            "kd_vs_student", "distill", "student",
+            "Vanilla KD (resnet20 → resnet8) against the student alone, same seed.",
+            kd_pair(), overrides=STUDENT_BUDGET),)
+    else:
+        raise ValueError(f"unknown preset {arg!r} for configs/study.py; valid: '', 'quick'")
+    config.lock()
+    return config

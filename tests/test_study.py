@@ -1,0 +1,279 @@
+"""kdjax.study: statistics against NumPy / closed forms, grid resolution, and the runner on
+synthetic data (2 seeds, resume after an interruption, study.md and plots)."""
+
+import json
+import math
+
+import ml_collections
+import numpy as np
+import pytest
+
+from kdjax import study
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------
+
+def test_mean_std_matches_numpy():
+    x = [87.9, 87.77, 87.32, 88.41]
+    mean, std = study.mean_std(x)
+    assert mean == pytest.approx(np.mean(x), abs=1e-12)
+    assert std == pytest.approx(np.std(x, ddof=1), abs=1e-12)
+
+
+def test_mean_std_of_one_value_has_no_spread():
+    mean, std = study.mean_std([3.5])
+    assert mean == 3.5 and math.isnan(std)
+    with pytest.raises(ValueError):
+        study.mean_std([])
+
+
+def test_paired_differences_use_common_seeds_in_order():
+    variant = {2: 10.0, 0: 12.0, 1: 11.5, 5: 9.0}
+    baseline = {0: 11.0, 1: 11.0, 2: 10.5}
+    assert study.paired_differences(variant, baseline) == pytest.approx([1.0, 0.5, -0.5])
+
+
+def test_t_quantile_closed_forms():
+    # Student's t with 1 df is Cauchy: t_p = tan(π(p − 1/2)); with 2 df:
+    # t_p = (2p − 1) / sqrt(2 p (1 − p)).
+    p = 0.975
+    assert study.t_quantile_975(1) == pytest.approx(math.tan(math.pi * (p - 0.5)), abs=1e-3)
+    assert study.t_quantile_975(2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)),
+                                                    abs=1e-3)
+    with pytest.raises(ValueError):
+        study.t_quantile_975(0)
+
+
+def test_t_quantile_table_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 31):
+        assert study.t_quantile_975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=6e-4)
+    assert study.t_quantile_975(100) >= scipy_stats.t.ppf(0.975, 100)  # conservative beyond 30
+
+
+def test_t_interval_matches_numpy():
+    d = np.array([0.8, 0.35, 1.1, 0.6])
+    t = study.t_interval(list(d))
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    half = 3.182 * se  # t_{0.975, 3} from a printed table
+    assert t["n"] == 4
+    assert t["mean"] == pytest.approx(d.mean())
+    assert t["se"] == pytest.approx(se)
+    assert (t["low"], t["high"]) == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-3)
+    one = study.t_interval([0.4])
+    assert one["mean"] == 0.4 and math.isnan(one["low"])
+
+
+# ---------------------------------------------------------------------------------------
+# Grid resolution
+# ---------------------------------------------------------------------------------------
+
+def test_apply_overrides_sets_nested_keys_and_names_unknown_ones():
+    config = ml_collections.ConfigDict(dict(a=1, b=dict(c=2.0, d="x")))
+    config.lock()
+    study.apply_overrides(config, (("a", 3), ("b.c", 5)), "here")
+    assert config.a == 3 and config.b.c == 5.0
+    with pytest.raises(ValueError, match=r"here: override b\.e=1: no key 'e' under b; "
+                                         r"valid: \['c', 'd'\]"):
+        study.apply_overrides(config, (("b.e", 1),), "here")
+    with pytest.raises(ValueError, match="here: override b.d=3"):
+        study.apply_overrides(config, (("b.d", 3),), "here")  # wrong type
+
+
+def test_lookup_paths_with_list_indices():
+    results = {"kd": {"test_top1_last": 88.1}, "levels": [{"macs": 1.0}, {"macs": 2.0}]}
+    assert study.lookup(results, "kd.test_top1_last") == 88.1
+    assert study.lookup(results, "levels.-1.macs") == 2.0
+    with pytest.raises(KeyError, match="no 'student'.*available: \\['kd', 'levels'\\]"):
+        study.lookup(results, "student.test_top1_last")
+
+
+def synthetic_overrides():
+    """Every run a 1-step smoke run on tiny synthetic images."""
+    return (("data.name", "synthetic"), ("data.source", "synthetic"),
+            ("data.augment", "none"), ("data.mean", (0.5, 0.5, 0.5)),
+            ("data.std", (0.5, 0.5, 0.5)), ("data.validation_size", 64),
+            ("data.synthetic_train", 128), ("data.synthetic_test", 64),
+            ("data.synthetic_shape", (8, 8, 3)), ("train.max_steps", 1),
+            ("train.eval_batch_size", 64), ("train.log_every_steps", 1))
+
+
+def tiny_study(variants, seeds=(0, 1)):
+    """A one-comparison study on synthetic data (resnet8 teacher and student)."""
+    config = ml_collections.ConfigDict()
+    config.description = "test study"
+    config.seeds = seeds
+    config.overrides = synthetic_overrides()
+    config.teacher = ml_collections.ConfigDict(dict(
+        config="configs/supervised.py:demo", seed=0, stage="model",
+        overrides=(("model.name", "resnet8"), ("optim.batch_size", 16))))
+    budget = (("optim.batch_size", 16), ("student.name", "resnet8"), ("teacher.name", "resnet8"))
+    config.comparisons = (ml_collections.ConfigDict(dict(
+        name="cmp", kind="distill", baseline=variants[0].name, description="two variants",
+        overrides=budget, variants=tuple(variants))),)
+    return config
+
+
+def var(name, overrides, stage, config="configs/kd.py:demo", requires=()):
+    from configs.study import variant  # the study config's own constructor
+
+    return variant(name, config, overrides, stage=stage, requires=requires)
+
+
+def test_unknown_override_fails_before_any_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "execute", lambda run: calls.append(run))
+    config = tiny_study([var("a", (("kd.baseline", True),), "student"),
+                         var("b", (("kd.no_such_key", 1),), "kd")])
+    with pytest.raises(ValueError, match="cmp/b.overrides: override kd.no_such_key"):
+        study.study(config, tmp_path)
+    assert calls == []
+
+
+def test_bad_baseline_fails_at_start(tmp_path):
+    config = tiny_study([var("a", (), "kd")])
+    config.comparisons[0].baseline = "nope"
+    with pytest.raises(ValueError, match="baseline 'nope' is not one of its variants"):
+        study.build_runs(config, tmp_path)
+
+
+def test_teacher_of_another_model_fails_at_start(tmp_path):
+    config = tiny_study([var("a", (("kd.baseline", True), ("teacher.name", "resnet14")),
+                             "student")])
+    with pytest.raises(ValueError, match="cmp/a: teacher.name='resnet14' but the study's "
+                                         "shared teacher is a 'resnet8'"):
+        study.build_runs(config, tmp_path)
+
+
+def test_missing_config_and_missing_key_are_skipped_with_reason(tmp_path):
+    config = tiny_study([var("a", (("kd.baseline", True),), "student"),
+                         var("b", (), "x", config="configs/not_here.py:demo"),
+                         var("c", (), "x", requires=("no_section",))])
+    _, runs = study.build_runs(config, tmp_path)
+    reasons = {r.variant: r.skipped for r in runs if r.seed == 0}
+    assert reasons["a"] == ""
+    assert reasons["b"] == "configs/not_here.py is not on this branch"
+    assert reasons["c"] == "configs/kd.py:demo has no key no_section (not on this branch)"
+
+
+def test_unknown_distill_method_fails_at_start(tmp_path):
+    pytest.importorskip("kdjax.distill")
+    config = tiny_study([var("a", (("kd.baseline", True),), "student"),
+                         var("b", (("distill.method", "nope"),), "nope")])
+    with pytest.raises(ValueError, match="cmp/b: unknown distill.method 'nope'; valid: "):
+        study.build_runs(config, tmp_path)
+
+
+def test_identical_configs_share_one_run(tmp_path):
+    config = tiny_study([var("student", (("kd.baseline", True),), "student"),
+                         var("kd", (("kd.baseline", True),), "kd")])
+    _, runs = study.build_runs(config, tmp_path)
+    study.share_identical(runs)
+    for seed in (0, 1):
+        dirs = {r.dir for r in runs if r.seed == seed}
+        assert dirs == {tmp_path / "cmp" / "student" / f"seed{seed}"}
+
+
+def test_every_shipped_preset_resolves(tmp_path):
+    from configs import study as study_config
+
+    for preset in ("", "quick"):
+        config = study_config.get_config(preset)
+        teacher, runs = study.build_runs(config, tmp_path)
+        assert teacher.config.data.train_size == study_config.TRAIN_SIZE
+        ran = [r for r in runs if not r.skipped]
+        assert ran and all(r.config.data.train_size == study_config.TRAIN_SIZE for r in ran)
+        assert {r.seed for r in runs} == {0, 1, 2}
+
+
+# ---------------------------------------------------------------------------------------
+# The runner (synthetic data)
+# ---------------------------------------------------------------------------------------
+
+class Interrupted(Exception):
+    pass
+
+
+# Test accuracy each fake run reports, chosen here: {(lr, seed): top-1}.
+FAKE_TOP1 = {(0.05, 0): 80.0, (0.05, 1): 81.5, (0.1, 0): 81.0, (0.1, 1): 83.5}
+
+
+def fake_pipelines(monkeypatch, started, fail_on=None):
+    """Replace the supervised and kd pipelines by instant fakes that record their workdir,
+    report FAKE_TOP1 for (optim.lr, seed), and raise Interrupted when started in
+    ``fail_on`` (a run killed half-way)."""
+    from kdjax import main as kdjax_main
+
+    def fake(config, workdir):
+        started.append(workdir)
+        if workdir == fail_on:
+            raise Interrupted
+        top1 = FAKE_TOP1.get((config.optim.lr, config.seed), 90.0)
+        return {"kd": {"test_top1_last": top1, "test_top1_best_epoch": top1 + 1},
+                "model": {"test_top1_last": 90.0, "test_top1_best_epoch": 90.0}}
+
+    for name in ("supervised", "kd"):
+        monkeypatch.setitem(kdjax_main.PIPELINES, name, fake)
+
+
+def lr_study():
+    return tiny_study([var("student", (("kd.baseline", False), ("optim.lr", 0.05)), "kd"),
+                       var("kd", (("kd.baseline", False), ("optim.lr", 0.1)), "kd")])
+
+
+def test_runner_resumes_and_reports(tmp_path, monkeypatch):
+    started = []
+    # First attempt: killed while the second grid run (seed 0, "kd") is running.
+    fake_pipelines(monkeypatch, started, fail_on=str(tmp_path / "cmp/kd/seed0"))
+    with pytest.raises(Interrupted):
+        study.study(lr_study(), tmp_path)
+    assert started == [str(tmp_path / v) for v in ("teacher", "cmp/student/seed0",
+                                                   "cmp/kd/seed0")]
+    # Rerun: the teacher and the finished run are skipped; the killed one starts again.
+    started.clear()
+    fake_pipelines(monkeypatch, started)
+    text = study.study(lr_study(), tmp_path)
+    assert started == [str(tmp_path / f"cmp/{v}/seed{s}")
+                       for s, v in ((0, "kd"), (1, "student"), (1, "kd"))]
+    assert text == (tmp_path / "study.md").read_text()
+
+    student = [FAKE_TOP1[(0.05, s)] for s in (0, 1)]
+    diffs = np.subtract([FAKE_TOP1[(0.1, s)] for s in (0, 1)], student)  # [1.0, 2.0]
+    half = 12.706 * diffs.std(ddof=1) / math.sqrt(2)  # t_{0.975, 1} from a printed table
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| ")}
+    assert rows["student"].startswith(
+        f"| student | 2 | {np.mean(student):.2f} ± {np.std(student, ddof=1):.2f} | "
+        f"{np.mean(student) + 1:.2f} ± {np.std(student, ddof=1):.2f} | baseline | baseline |")
+    ci = f"{diffs.mean():+.2f} [{diffs.mean() - half:+.2f}, {diffs.mean() + half:+.2f}]"
+    assert f"| {ci} | {ci} |" in rows["kd"]
+    assert rows["kd"].endswith("| 81.00, 83.50 |")
+    assert "teacher (configs/supervised.py:demo, seed 0, shared by every run): test top-1 90.00" \
+        in text
+    assert "## cmp" in text and "![cmp](cmp.png)" in text
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failed_run_is_reported_and_the_study_goes_on(tmp_path, monkeypatch):
+    started = []
+    fake_pipelines(monkeypatch, started)
+    config = tiny_study([var("student", (("kd.baseline", False), ("optim.lr", 0.05)), "kd"),
+                         var("kd", (("kd.baseline", False), ("optim.lr", 0.1)), "nope")])
+    text = study.study(config, tmp_path)
+    assert len(started) == 5
+    assert "## Failed runs" in text
+    assert "cmp/kd/seed1: \"result path 'nope.test_top1_last': no 'nope'" in text
+
+
+@pytest.mark.slow
+def test_runner_end_to_end_on_synthetic_data(tmp_path):
+    """The real pipelines (1-step runs): teacher once, then 2 seeds × 2 variants."""
+    text = study.study(lr_study(), tmp_path)
+    for s in (0, 1):
+        for v in ("student", "kd"):
+            stored = json.loads((tmp_path / f"cmp/{v}/seed{s}/study_result.json").read_text())
+            assert stored["results"]["kd"]["steps"] == 1
+            assert stored["results"]["teacher"]["checkpoint"] == str(tmp_path / "teacher/model")
+    assert "| kd | 2 |" in text
