@@ -13,10 +13,12 @@ so nothing else in kdjax loads it.
   accuracy_macs_plot  test top-1 against MACs per level (cascaded)
   pareto_plot       evaluated candidates, final population, archived front (emo_pms)
   hypervolume_plot  NSGA-II hypervolume per generation (emo_pms)
+  comparison_plot   one comparison of a study: top-1 bars or top-1 against MACs (study)
 """
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import numpy as np
@@ -189,4 +191,30 @@ def hypervolume_plot(png: PathLike, searches: dict) -> None:
         ax.plot(range(len(s["hypervolume"])), s["hypervolume"], marker=".", label=n)
     ax.set(xlabel="generation", ylabel="hypervolume", title="NSGA-II hypervolume")
     ax.legend(fontsize=7)
+    _save(fig, png)
+
+
+def comparison_plot(png: PathLike, comp, rows: list[dict], stats: list[tuple]) -> None:
+    """One comparison of a study (kdjax.study): bars of the mean test top-1 with ±std error
+    bars (distill), or mean top-1 against mean MACs per variant on the same axes (pruning,
+    when every variant has MACs). rows: [{'name', 'top1' {seed: %}, 'macs' [...]}];
+    stats: [(mean, std)] per row (std NaN for one seed: no error bar)."""
+    plt = _pyplot()
+    errs = [0.0 if math.isnan(s) else s for _, s in stats]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2), 3.5))
+    if comp.kind == "pruning" and all(r["macs"] for r in rows):
+        for r, (m, _), e in zip(rows, stats, errs):
+            ax.errorbar(sum(r["macs"]) / len(r["macs"]) / 1e6, m, yerr=e, fmt="o",
+                        capsize=3, label=r["name"])
+        ax.set_xlabel("MACs (M)")
+        ax.legend(fontsize=8)
+    else:
+        ax.bar(range(len(rows)), [m for m, _ in stats], yerr=errs, capsize=3,
+               color=["tab:gray" if r["name"] == comp.baseline else "tab:blue" for r in rows])
+        ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=45, ha="right")
+        low = min(m - e for (m, _), e in zip(stats, errs))
+        high = max(m + e for (m, _), e in zip(stats, errs))
+        ax.set_ylim(low - 0.5 - 0.2 * (high - low), high + 0.5)
+    ax.set_ylabel("test top-1 (%), last epoch")
+    ax.set_title(f"{comp.name} (mean ± std over seeds)")
     _save(fig, png)

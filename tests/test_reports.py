@@ -1,5 +1,7 @@
 """kdjax.reports: markdown tables (content written out by hand) and PNGs (written, PNG)."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,12 @@ def test_pareto_and_hypervolume_plots(tmp_path):
     reports.hypervolume_plot(tmp_path / "h.png", {"s1": search, "s2": search})
     assert_png(tmp_path / "p.png")
     assert_png(tmp_path / "h.png")
+
+
+@pytest.mark.parametrize("kind", ["distill", "pruning"])
+def test_comparison_plot(tmp_path, kind):
+    comp = types.SimpleNamespace(name="c", kind=kind, baseline="a")
+    rows = [{"name": "a", "top1": {0: 90.0, 1: 91.0}, "macs": [40e6]},
+            {"name": "b", "top1": {0: 92.0}, "macs": [20e6]}]
+    reports.comparison_plot(tmp_path / "s.png", comp, rows, [(90.5, 0.7), (92.0, float("nan"))])
+    assert_png(tmp_path / "s.png")
