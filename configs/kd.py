@@ -29,7 +29,10 @@ default), ``--config.distill.ce_weight=γ``, ``--config.distill.standardize_logi
 (kd, dkd), ``--config.distill.student_taps="('stage2',)"``, ``distill.<M>.*`` (e.g.
 ``--config.distill.crd.num_negatives=4096``).
 
-Demo on the embedded Fashion-MNIST (teacher included, minutes on a 2-core CPU):
+Demo on the embedded Fashion-MNIST — the evidence protocol (2,000 training examples, no
+augmentation, resnet20 teacher 30 epochs, resnet8 student 20 epochs, batch 64), where KD
+beats the student alone by +1.26 ± 0.11 (SE, 3 seeds); teacher included, minutes on a
+2-core CPU:
     python -m kdjax.main --config=configs/kd.py:demo --workdir=/tmp/kd-demo
     python -m kdjax.main --config=configs/kd.py:demo --workdir=/tmp/kd-demo \
         --config.kd.baseline=False --config.distill.method=crd   # any method, same teacher
@@ -49,7 +52,8 @@ PAIRS = {
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = config_lib.base("kd")
     config.kd = ml_collections.ConfigDict(dict(
-        baseline=True,  # also train the student from scratch for comparison
+        baseline=True,   # also train the student from scratch for comparison
+        seed_noise=0.0,  # > 0: a measured seed-to-seed std shown beside the difference
     ))
     config.distill = config_lib.distill("kd")  # KD: 0.1·CE + 0.9·KD, T = 4
     if arg in PAIRS:
@@ -58,12 +62,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.data.validation_size = 0  # the paper trains on all 50k; selection = last epoch
         config.optim = config_lib.optim()
         config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.optim())
-    elif arg == "demo":
+    elif arg == "demo":  # the evidence protocol (BUILD_NOTES): KD measurably helps here
         teacher, student = config_lib.DEMO_TEACHER, config_lib.DEMO_STUDENT
-        config.data = config_lib.demo_data()
-        config.optim = config_lib.demo_optim()
-        config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.demo_optim())
-        config.distill.init_epochs = 1  # of the 4-epoch demo budget
+        config.data = config_lib.protocol_data()
+        config.optim = config_lib.protocol_optim(epochs=20)
+        config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.protocol_optim(30))
+        config.train.eval_every_steps = 5 * (2000 // 64)  # every 5 epochs (and the last)
+        config.distill.init_epochs = 2  # of the 20-epoch demo budget
+        # Std over seeds 0-2 of (KD - student alone) under this protocol (BUILD_NOTES
+        # "Evidence protocol"), printed beside the demo's difference as its noise scale.
+        config.kd.seed_noise = 0.19
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/kd.py; valid: {sorted(PAIRS) + ['demo']}")
     config.student = ml_collections.ConfigDict(dict(name=student))

@@ -14,7 +14,6 @@ resume); 143 stopped by SIGTERM after saving a checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging as std_logging
 import os
 import pathlib
@@ -61,6 +60,10 @@ def model_name_keys(config) -> list[tuple[str, str]]:
     return found
 
 
+# Epoch counts of optional stages, where 0 means "skip the stage".
+OPTIONAL_STAGE_EPOCHS = frozenset({"cascade.finetune.epochs"})
+
+
 def validate(config) -> None:
     """Fail before any work (ValueError naming the key) on an unknown pipeline or model,
     a non-positive epoch count or logging interval, or a teacher checkpoint of another
@@ -71,8 +74,9 @@ def validate(config) -> None:
         if name not in models.MODEL_NAMES:
             raise ValueError(f"{key}={name!r} is not a kdjax model; valid: {', '.join(models.MODEL_NAMES)}")
     for key, value in _items(config.to_dict()):
-        if key.rsplit(".", 1)[-1] == "epochs" and value < 1:
-            raise ValueError(f"{key}={value}: the number of epochs must be >= 1")
+        low = 0 if key in OPTIONAL_STAGE_EPOCHS else 1
+        if key.rsplit(".", 1)[-1] == "epochs" and value < low:
+            raise ValueError(f"{key}={value}: the number of epochs must be >= {low}")
     minimum = {"log_every_steps": 1, "eval_batch_size": 1, "eval_every_steps": 0, "max_steps": 0}
     for key, low in minimum.items():
         if config.train[key] < low:
@@ -131,8 +135,8 @@ def exit_code(err: BaseException) -> int | None:
 
 
 def run(config, workdir: str | None) -> int:
-    """Check the config and workdir, hold the workdir's lock, run the pipeline and print
-    its results; returns the exit code (errors are printed as one line)."""
+    """Check the config and workdir, hold the workdir's lock, run the pipeline (it prints
+    its own summary); returns the exit code (errors are printed as one line)."""
     try:
         validate(config)
         path = resolve_workdir(workdir)
@@ -152,13 +156,14 @@ def run(config, workdir: str | None) -> int:
         prefix = "disk full: " if ckpt_lib.disk_full(err) and "disk full" not in str(err) else ""
         print(f"kdjax: error: {prefix}{err}", file=sys.stderr)
         return code
-    print(json.dumps(results, indent=2, default=str))
+    del results  # each pipeline printed its summary and wrote it under the workdir
+    print(f"kdjax: done; results under {path}", file=sys.stderr)
     return 0
 
 
 def configure_logging() -> None:
-    """kdjax's own progress lines at INFO on stderr; other libraries (orbax, absl) only warn."""
-    logging.set_verbosity(logging.WARNING)
+    """kdjax's own progress lines at INFO on stderr; other libraries (orbax, absl) only errors."""
+    logging.set_verbosity(logging.ERROR)  # orbax warns about benign restore details
     handler = std_logging.StreamHandler(sys.stderr)
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     kdjax_log = std_logging.getLogger("kdjax")

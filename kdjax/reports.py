@@ -5,7 +5,8 @@ one PNG to the path given (the caller chooses the path, and on several hosts cal
 the writing process only); matplotlib is imported here only, lazily, with the Agg backend,
 so nothing else in kdjax loads it.
 
-  stage_table       test top-1 per trained stage (kd, dynamic_kd)
+  stage_table       test top-1 per trained stage (kd, dynamic_kd, cross_layer)
+  comparison_table  teacher, student alone, distilled student, difference (kd's demo)
   widths_table      kept channels per mask group (pdd)
   pdd_markdown      PDD summary: accuracy, cost, reductions, widths
   cascade_markdown  one row per level of a cascade (cascaded)
@@ -56,6 +57,26 @@ def stage_table(results: dict) -> str:
         last = r.get("test_top1_last")
         best = r.get("test_top1_best_epoch")
         rows.append(f"| {stage} | {r.get('model', '')} | {fmt(last)} | {fmt(best)} |")
+    return "\n".join(rows)
+
+
+def comparison_table(results: dict, student: str, method: str, seed_noise: float) -> str:
+    """The demo's one table: teacher, student alone, distilled student (test top-1, last
+    epoch), their difference and — when ``seed_noise`` > 0 — the measured seed-to-seed
+    std of that difference, so one run's difference can be read against it."""
+    top1 = {stage: r.get("test_top1_last") for stage, r in results.items()}
+    teacher = results["teacher"]
+    rows = ["| | test top-1 (%) |", "|---|---|"]
+    if top1.get("teacher") is not None:
+        rows.append(f"| teacher {teacher.get('model', '')} | {top1['teacher']:.2f} |")
+    else:
+        rows.append(f"| teacher {teacher.get('model', '')} | loaded (step {teacher.get('step')}) |")
+    rows.append(f"| student {student} alone | {top1['student']:.2f} |")
+    rows.append(f"| student {student} + {method} | {top1[method]:.2f} |")
+    rows.append(f"| {method} − student | {top1[method] - top1['student']:+.2f} |")
+    if seed_noise > 0:
+        rows.append(f"| seed-to-seed std of KD − student, this protocol (3 seeds, BUILD_NOTES) | "
+                    f"{seed_noise:.2f} |")
     return "\n".join(rows)
 
 

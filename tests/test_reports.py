@@ -106,3 +106,16 @@ def test_comparison_plot(tmp_path, kind):
             {"name": "b", "top1": {0: 92.0}, "macs": [20e6]}]
     reports.comparison_plot(tmp_path / "s.png", comp, rows, [(90.5, 0.7), (92.0, float("nan"))])
     assert_png(tmp_path / "s.png")
+
+
+def test_comparison_table():
+    results = {"teacher": {"model": "resnet20", "test_top1_last": 90.0},
+               "student": {"test_top1_last": 85.5}, "kd": {"test_top1_last": 86.75}}
+    lines = reports.comparison_table(results, "resnet8", "kd", 0.3).splitlines()
+    assert lines[2:] == [
+        "| teacher resnet20 | 90.00 |", "| student resnet8 alone | 85.50 |",
+        "| student resnet8 + kd | 86.75 |", "| kd − student | +1.25 |",
+        "| seed-to-seed std of KD − student, this protocol (3 seeds, BUILD_NOTES) | 0.30 |"]
+    loaded = {**results, "teacher": {"model": "resnet20", "step": 7}}
+    lines = reports.comparison_table(loaded, "resnet8", "kd", 0.0).splitlines()
+    assert lines[2] == "| teacher resnet20 | loaded (step 7) |" and len(lines) == 6

@@ -38,12 +38,15 @@ def baseline_stages(ctx, student_name: str, optim_cfg, teacher, method, *,
     return results
 
 
-def report(ctx, results: dict) -> None:
-    """Log and print the results table; write ``workdir/summary.json``."""
-    table = reports.stage_table(results)
-    log.info("results:\n%s", table)
-    print(table, flush=True)
+def report(ctx, results: dict, table: str | None = None) -> None:
+    """Print one results table (default: every stage's, `reports.stage_table`); write
+    ``workdir/summary.json`` and ``summary.md``."""
+    table = reports.stage_table(results) if table is None else table
     ckpt_lib.save_json(ctx.workdir / "summary.json", results)
+    (ctx.workdir / "summary.md").write_text(table + "\n")
+    print(f"{table}\n\nTables: {ctx.workdir / 'summary.md'}; per-epoch curves: "
+          f"<stage>/metrics.jsonl. Over 3 seeds, with plots: python -m kdjax.study "
+          f"--config=configs/study.py:quick --workdir=DIR", flush=True)
 
 
 def run(config, workdir) -> dict:
@@ -54,5 +57,9 @@ def run(config, workdir) -> dict:
     results = {"teacher": teacher_results}
     results.update(baseline_stages(ctx, config.student.name, config.optim, teacher, method,
                                    from_scratch=config.kd.baseline))
-    report(ctx, results)
+    table = None
+    if config.kd.baseline:
+        table = reports.comparison_table(results, config.student.name, method.name,
+                                 float(config.kd.seed_noise))
+    report(ctx, results, table)
     return results
