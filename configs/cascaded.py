@@ -8,9 +8,12 @@ Paper setting, CIFAR-10 VGG-16 (the paper's MACs targets are not available to us
     python -m kdjax.main --config=configs/cascaded.py --workdir=/tmp/casc-vgg
 ResNet-50 on CIFAR-10 / on ImageNet:
     python -m kdjax.main --config=configs/cascaded.py:resnet50_cifar10 --workdir=/tmp/casc-r50
-    python -m kdjax.main --config=configs/cascaded.py:resnet50_imagenet --workdir=/tmp/casc-in
-  (ImageNet needs a prepared TFDS imagenet2012; the data layer has no resize /
-  random-resized-crop yet, so that preset trains on the stored images as they are.)
+  ImageNet (streamed from a prepared TFDS imagenet2012 at 224×224, random-resized crop +
+  flip, see README "ImageNet scale"), with torchvision's ResNet-50 as the unpruned network:
+    python -m kdjax.convert_torch --model=resnet50 --num_classes=1000 \
+        --input_shape=224,224,3 --state_dict=resnet50-0676ba61.pth --out=/tmp/teachers/r50
+    python -m kdjax.main --config=configs/cascaded.py:resnet50_imagenet --workdir=/tmp/casc-in \
+        --config.teacher.checkpoint=/tmp/teachers/r50 --config.train.compute_dtype=bfloat16
 Number of TAs (0 = the single teacher→student pair, the ablation):
     --config.cascade.num_tas=0|1|2|3     (levels' MACs targets: --config.cascade.spacing=linear)
 Baselines at the same MACs target and total epochs (one-shot pruning of the teacher + KD):
@@ -23,7 +26,8 @@ Demo on the embedded Fashion-MNIST (resnet20 trained first, 2 TAs, 50 % MACs tar
 Keys (``cascade``): method; num_tas (0–3); spacing ("geometric" | "linear", levels and
 events); num_events E and prune_every_epochs (events at P, 2P, …, E·P steps, P =
 round(prune_every_epochs · steps per epoch)); normalize (per-group saliency normalisation
-"mean" | "l2" | "none"); teacher_stop_gradient (no gradient through the teacher side of a
+"mean" | "l2" | "none"); round_to (kept widths rounded down to a multiple, 1 = off;
+groups narrower than it keep their width); teacher_stop_gradient (no gradient through the teacher side of a
 pair); optim (the cascade stage); finetune (student KD fine-tuning, epochs 0 = off);
 taylor_batches (oneshot_taylor). ``distill``: method ("kd"), temperature, ce_weight γ,
 weight β: loss Σ_k [γ·CE(s_k) + β·T²·KL(t_k ‖ s_k)].
@@ -41,8 +45,6 @@ VGG_CIFAR10 = dict(epochs=160, batch_size=128, lr=0.1, milestones=(80, 120), wei
 RESNET_CIFAR10 = dict(epochs=164, batch_size=128, lr=0.1, milestones=(82, 123),
                       weight_decay=1e-4)
 RESNET_IMAGENET = dict(epochs=90, batch_size=256, lr=0.1, milestones=(30, 60), weight_decay=1e-4)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # preset: (model, teacher recipe, cascade recipe, target MACs ratio, events, epochs per event)
 PRESETS = {
@@ -74,6 +76,7 @@ def cascade_section(optim_cfg, num_events, prune_every_epochs, **overrides):
         num_events=num_events,       # E pruning events ...
         prune_every_epochs=prune_every_epochs,  # ... every P = round(this · steps/epoch)
         normalize="mean",            # per-group saliency normalisation: mean | l2 | none
+        round_to=1,                  # kept widths rounded down to multiples (8/16 CPU, 128 TPU)
         teacher_stop_gradient=True,  # no gradient through t_k in KD(t_k → s_k)
         optim=optim_cfg,
         finetune=config_lib.optim(epochs=0, batch_size=optim_cfg.batch_size, lr=0.01,
@@ -85,20 +88,12 @@ def cascade_section(optim_cfg, num_events, prune_every_epochs, **overrides):
     return ml_collections.ConfigDict(section)
 
 
-def imagenet_data():
-    """TFDS imagenet2012 (prepared by the user), ImageNet normalisation, no augmentation."""
-    data = config_lib.cifar_data("cifar10")
-    data.name, data.augment, data.validation_size = "imagenet2012", "none", 10000
-    data.mean, data.std = IMAGENET_MEAN, IMAGENET_STD
-    return data
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = config_lib.base("cascaded")
     config.distill = distill_section()
     if arg in PRESETS:
         name, teacher_recipe, recipe, target, events, every = PRESETS[arg]
-        config.data = imagenet_data() if arg == "resnet50_imagenet" else \
+        config.data = config_lib.imagenet_data() if arg == "resnet50_imagenet" else \
             config_lib.cifar_data("cifar10")
         config.teacher = config_lib.teacher(name, optim_cfg=config_lib.optim(**teacher_recipe))
         config.target_flops_ratio = target

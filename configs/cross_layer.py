@@ -43,8 +43,6 @@ import ml_collections
 from kdjax import config_lib
 from kdjax.distill.cross_layer import DEFAULT_PAIRS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Preset -> (teacher names, student name, Gram pairs of teacher taps). VGG-6 and the
 # MobileNets are our own definitions (kdjax.models; BUILD_NOTES).
@@ -58,12 +56,12 @@ PRESETS = {
 
 
 def imagenet64_data():
-    """TFDS ``imagenet_resized/64x64`` (prepared by the user), crop+flip, ImageNet
-    normalisation, 10,000 training images carved out for validation."""
-    data = config_lib.cifar_data("cifar100")
-    data.name = "imagenet_resized/64x64"
-    data.mean, data.std = IMAGENET_MEAN, IMAGENET_STD
-    data.validation_size = 10000
+    """TFDS ``imagenet_resized/64x64`` (prepared by the user) streamed lazily (1.28M
+    images are never copied into each host's memory), crop+flip at the stored 64×64,
+    ImageNet normalisation, 10,000 training images carved out for validation, the
+    official validation set as test."""
+    data = config_lib.imagenet_data(image_size=64, name="imagenet_resized/64x64")
+    data.augment = "crop_flip"
     return data
 
 

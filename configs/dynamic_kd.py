@@ -17,6 +17,14 @@ Options:
     --config.distill.dynamic_kd.kind=per_class     one c per class
     --config.distill.dynamic_kd.mode=entropy_feedback   the ablation (scalar c only)
 
+ImageNet ResNet-34 → ResNet-18 (``:imagenet``; the standard 100-epoch KD recipe: batch
+256, lr 0.1 ×0.1 at 30/60/90, weight decay 1e-4; T, γ, α as above; streamed from a prepared
+TFDS imagenet2012, see README "ImageNet scale"), with torchvision's ResNet-34 as teacher:
+    python -m kdjax.convert_torch --model=resnet34 --num_classes=1000 \
+        --input_shape=224,224,3 --state_dict=resnet34-b627a593.pth --out=/tmp/teachers/r34
+    python -m kdjax.main --config=configs/dynamic_kd.py:imagenet --workdir=/tmp/dkd-in \
+        --config.teacher.checkpoint=/tmp/teachers/r34 --config.train.compute_dtype=bfloat16
+
 Demo on the embedded Fashion-MNIST (teacher, student, KD and DynamicKD, minutes on a
 2-core CPU):
     python -m kdjax.main --config=configs/dynamic_kd.py:demo --workdir=/tmp/dkd-demo
@@ -31,6 +39,7 @@ PAIRS = {
     "resnet56_resnet20": ("resnet56", "resnet20"),
     "vgg13_vgg8": ("vgg13", "vgg8"),
 }
+IMAGENET_PAIR = ("resnet34", "resnet18")
 
 
 def dynamic_kd_section(baselines: bool) -> ml_collections.ConfigDict:
@@ -67,6 +76,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.teacher = config_lib.teacher(teacher, optim_cfg=config_lib.optim())
         config.dynamic_kd = dynamic_kd_section(baselines=False)
         config.distill = distill_section()
+    elif arg == "imagenet":
+        teacher, student = IMAGENET_PAIR
+        config.data = config_lib.imagenet_data()
+        config.optim = config_lib.imagenet_optim()
+        config.teacher = config_lib.teacher(
+            teacher, optim_cfg=config_lib.imagenet_optim(epochs=90, milestones=(30, 60)))
+        config.dynamic_kd = dynamic_kd_section(baselines=False)
+        config.distill = distill_section()
     elif arg == "demo":
         teacher, student = config_lib.DEMO_TEACHER, config_lib.DEMO_STUDENT
         config.data = config_lib.demo_data()
@@ -76,7 +93,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.distill = distill_section()
     else:
         raise ValueError(f"unknown preset {arg!r} for configs/dynamic_kd.py; "
-                         f"valid: {sorted(PAIRS) + ['demo']}")
+                         f"valid: {sorted(PAIRS) + ['imagenet', 'demo']}")
     config.student = ml_collections.ConfigDict(dict(name=student))
     config.lock()
     return config

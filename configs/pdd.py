@@ -42,6 +42,7 @@ def pdd_section(placement, stage1, stage2, kd_optim):
         finetune_kd=False,        # stage 2 with CE (PDD) or with the distill method
         kd_baseline=True,         # also train the unpruned student with the distill method
         kd_optim=kd_optim,
+        round_to=1,               # exported widths rounded down to multiples (8/16 CPU, 128 TPU)
         # Extension, NOT part of PDD (off by default): penalise the masked/unmasked MACs
         # ratio r above a target during stage 1: loss += flops_weight · max(0, r − target).
         flops_target=0.0,

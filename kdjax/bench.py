@@ -7,6 +7,12 @@ For each teacher→student pair it measures, after warm-up, the median images/s 
 on random data, with the same compiled steps the trainer uses. Achieved GFLOP/s
 uses the analytic MAC count of kdjax.pruning.cost with the usual convention:
 forward = 2·MACs FLOPs per image, a train step = 3× forward (backward ≈ 2× forward).
+``--dtype bfloat16`` runs the models in bfloat16 (train.compute_dtype); on a CPU that is
+only a correctness check (XLA:CPU emulates bf16 convolutions, usually slower than fp32).
+Images/s per device and model FLOPs utilisation (MFU: achieved FLOP/s per device over
+the spec-sheet peak of the device kind for the dtype, kdjax.train.throughput) are shown
+on devices in that table; elsewhere (CPU) "unknown device: MFU not shown", and the
+measured fp32 matmul peak stays the reference.
 
     python -m kdjax.bench                       # default pairs, batch 64, 32x32x3, 100 classes
     python -m kdjax.bench --pairs resnet56:resnet20 --devices 2 --repeats 30
@@ -14,6 +20,9 @@ forward = 2·MACs FLOPs per image, a train step = 3× forward (backward ≈ 2× 
     python -m kdjax.bench --compare-torch           # each row alternated with PyTorch eager
     python -m kdjax.bench --pairs resnet32x4:resnet8x4 --distill-methods all
                                                 # + one train-step row per distillation method
+    python -m kdjax.bench --pruned-latency resnet56 # latency vs MACs, rounded widths or not
+    python -m kdjax.bench --population-eval         # EMO-PMS loop / vmap / map, 1 vs 2 devices
+    python -m kdjax.bench --conv-kernel-grad matmul --xla-flags="..."   # train-step levers
 
 A distillation row is the main-stage step of ``kdjax.distill`` method M with its default
 settings (CRD: memory banks of ``--bank-size`` rows, 16384 negatives); for AB and FSP,
@@ -57,8 +66,24 @@ def parse_args(argv):
                              "(kdjax.bench_torch; needs the torch extra) and print the ratio")
     parser.add_argument("--rounds", type=int, default=2,
                         help="with --compare-torch: kdjax/PyTorch alternations per row")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of the models (train.compute_dtype)")
     parser.add_argument("--peak-size", type=int, default=2048,
                         help="side of the square fp32 matmul that measures the peak")
+    parser.add_argument("--pruned-latency", metavar="MODEL", default="",
+                        help="instead: eval latency of MODEL compacted at several MACs "
+                             "targets, widths unrounded / rounded to 8 / 16 (kdjax.bench_speed)")
+    parser.add_argument("--png", default="pruned_latency.png",
+                        help="with --pruned-latency: where the latency-vs-MACs plot goes")
+    parser.add_argument("--population-eval", action="store_true",
+                        help="instead: EMO-PMS candidate evaluations/s, loop / vmap / map "
+                             "on 1 and 2 devices (kdjax.bench_speed)")
+    parser.add_argument("--conv-kernel-grad", choices=("xla", "matmul"), default="xla",
+                        help="lever: kernel gradient of the zoo's convolutions "
+                             "(kdjax.models.conv_grad)")
+    parser.add_argument("--xla-flags", default="",
+                        help="lever: extra XLA flags (e.g. XLA:CPU ones) appended to "
+                             "XLA_FLAGS before JAX starts")
     return parser.parse_args(argv)
 
 
@@ -118,7 +143,7 @@ def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[di
     from kdjax import config_lib, distill, models
     from kdjax.pipelines import common
     from kdjax.pruning.cost import model_cost
-    from kdjax.train import loop, optim, sharding
+    from kdjax.train import loop, optim, precision, sharding
     from kdjax.train.state import TrainState, make_train_step
 
     shape = tuple(args.image)
@@ -146,7 +171,8 @@ def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[di
         state = TrainState.create(variables, tx, jax.random.PRNGKey(2),
                                   *distill_vars)  # fresh: the state is donated
         state = sharding.replicate(state, mesh)
-        step = loop.compile_train_step(make_train_step(student, tx, objective, teacher_model), mesh)
+        step = loop.compile_train_step(make_train_step(student, tx, objective, teacher_model,
+                                                       compute_dtype=args.dtype), mesh)
         holder = [state]
 
         def run():
@@ -161,7 +187,8 @@ def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[di
         objective = distill.objective(method, method.default_ce_weight)
         return train_row(name, objective, teacher, 6 * macs_s + 2 * macs_t)
 
-    infer = jax.jit(lambda v, x: teacher.apply(v, x, train=False)[0])
+    infer = jax.jit(lambda v, x: precision.apply(teacher, v, x, jnp.dtype(args.dtype),
+                                                 train=False)[0])
     return [
         train_row(f"{student_name} CE train step", common.supervised_objective, None, 6 * macs_s),
         distill_row(f"KD {teacher_name} -> {student_name}", "kd"),
@@ -265,36 +292,61 @@ def conv_profile(model_name: str, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     if args.devices:
         set_simulated_devices(args.devices)
     else:
         from kdjax import platform
 
         platform.configure_cpu_devices()
-    import jax
-
-    from kdjax.train import sharding
+    from kdjax import bench_speed
+    from kdjax.models import conv_grad
 
     if args.conv_profile:
         conv_profile(args.conv_profile, args)
         return 0
+    if args.pruned_latency:
+        bench_speed.pruned_latency(args.pruned_latency, args, args.png)
+        return 0
+    if args.population_eval:
+        bench_speed.population_eval(args)
+        return 0
+    with conv_grad.conv_kernel_grad(args.conv_kernel_grad):
+        return benchmark(args)
+
+
+def benchmark(args) -> int:
+    """The train-step rows (with or without the PyTorch comparison)."""
+    import jax
+
+    from kdjax.train import sharding, throughput
+
     mesh = sharding.make_mesh(args.devices)
     pairs = [tuple(p.split(":", 1)) for p in args.pairs]
     peak = matmul_peak_gflops(mesh, args, args.peak_size)
     print(f"# kdjax.bench: batch {args.batch}, image {tuple(args.image)}, {args.classes} classes, "
           f"{mesh.size} {jax.devices()[0].platform} device(s), jax {jax.__version__}, "
           f"median of {args.repeats} after {args.warmup} warm-up; fp32 matmul peak of this "
-          f"device setting {peak:.0f} GFLOP/s; {cpu_model()}")
+          f"device setting {peak:.0f} GFLOP/s; {cpu_model()}; conv kernel grad "
+          f"{args.conv_kernel_grad}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if args.compare_torch:
         compare_torch(pairs, args, mesh, peak)
         return 0
-    print("| step | img/s | GFLOP/s | % of matmul peak |\n|---|---|---|---|")
+    device_peak = throughput.peak_flops(jax.devices()[0].device_kind, args.dtype)
+    print(f"# {args.dtype}; spec-sheet peak of {jax.devices()[0].device_kind}: "
+          + (f"{device_peak / 1e12:.0f} TFLOP/s" if device_peak else throughput.UNKNOWN_DEVICE))
+    print("| step | img/s | img/s/device | GFLOP/s | % of matmul peak | MFU |\n"
+          "|---|---|---|---|---|---|")
     for teacher_name, student_name in pairs:
         for row in jax_workloads(teacher_name, student_name, args, mesh,
                                  distill_methods(args.distill_methods)):
             m = measure(row, args)
-            print(f"| {row['step']} | {m['img_per_s']:.1f} | {m['gflops']:.1f} | "
-                  f"{100 * m['gflops'] / peak:.0f} |", flush=True)
+            per_device = m["img_per_s"] / mesh.size
+            util = throughput.mfu(per_device, row["flops"], device_peak)
+            print(f"| {row['step']} | {m['img_per_s']:.1f} | {per_device:.1f} | "
+                  f"{m['gflops']:.1f} | {100 * m['gflops'] / peak:.0f} | "
+                  f"{'-' if util is None else f'{100 * util:.1f}%'} |", flush=True)
     return 0
 
 

@@ -39,6 +39,34 @@ def cifar_data(name="cifar100"):
     return data
 
 
+def imagenet_data(image_size=224, name="imagenet2012", num_workers=16):
+    """ImageNet-1k streamed from TFDS array_record (read lazily, never copied into memory):
+    random-resized crop + flip for training, resize to image_size/0.875 + centre crop for
+    evaluation, ImageNet mean/std. 10k training images are carved as the validation split
+    (model selection); TFDS's official validation set is reported as the test split.
+    num_workers: grain worker processes per host decoding JPEGs (tune to the host's CPUs)."""
+    from kdjax.data.streaming import IMAGENET_MEAN, IMAGENET_STD
+
+    data = default_data_config()
+    data.name = name
+    data.source = "tfds_stream"
+    data.image_size = image_size
+    data.augment = "inception_crop"
+    data.mean, data.std = IMAGENET_MEAN, IMAGENET_STD
+    data.test_split = "validation"
+    data.validation_size = 10000
+    data.num_workers = num_workers
+    return data
+
+
+def imagenet_optim(epochs=100, milestones=(30, 60, 90)):
+    """The standard ImageNet ResNet recipe: SGD momentum 0.9, batch 256, lr 0.1 ×0.1 at
+    the milestones, weight decay 1e-4 (100 epochs for KD students; 90 with milestones
+    30/60 for teachers trained from scratch)."""
+    return optim(epochs=epochs, batch_size=256, lr=0.1, milestones=milestones,
+                 weight_decay=1e-4)
+
+
 def fashion_mnist_data(train_size=0, validation_size=5000):
     """The embedded Fashion-MNIST (Debian package), no augmentation."""
     data = default_data_config()
@@ -63,6 +91,8 @@ def train_settings():
         eval_every_steps=0,     # 0 = once per epoch
         eval_batch_size=500,
         max_steps=0,            # >0 caps every stage (smoke tests)
+        compute_dtype="float32",  # "float32" | "bfloat16" (activations/convs; params,
+                                  # optimizer state, BN statistics and losses stay float32)
         allow_config_change=False,  # True: resume although training keys changed (BUILD_NOTES)
     ))
 

@@ -6,7 +6,10 @@
         --config.teacher.checkpoint=/tmp/teachers/resnet32x4
 
 Accepted key layouts: the CIFAR distillation zoo (RepDistiller / mdistiller ResNets,
-ResNet x4 and VGGs; see ``kdjax.torch_zoo``). A file holding ``{"model": state_dict}``
+ResNet x4 and VGGs) and torchvision's ResNets (resnet18/34/50, e.g. its ImageNet
+weights; see ``kdjax.torch_zoo``):
+    python -m kdjax.convert_torch --model=resnet50 --num_classes=1000 \
+        --input_shape=224,224,3 --state_dict=resnet50-0676ba61.pth --out=/tmp/teachers/r50 A file holding ``{"model": state_dict}``
 or ``{"state_dict": ...}`` and ``module.``-prefixed keys (DataParallel) are accepted.
 Layouts: conv OIHW → HWIO, Linear [out, in] → [in, out]; BN weight/bias → scale/bias,
 running mean/var → batch_stats (``num_batches_tracked`` is dropped). Every kdjax
@@ -26,14 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import models
+from kdjax.models import imagenet_resnet as jax_imagenet_resnet
 from kdjax.models import resnet as jax_resnet
 from kdjax.models import vgg as jax_vgg
 
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
-def _cifar_resnet_module(path: tuple[str, ...]) -> str:
-    """Flax module path of a CIFAR ResNet → PyTorch module prefix."""
+def _resnet_module(path: tuple[str, ...]) -> str:
+    """Flax module path of a CIFAR or torchvision-layout ResNet → PyTorch module prefix
+    (both zoos name blocks layer{S}.{B} with a downsample.{0,1} projection)."""
     top = {"stem_conv": "conv1", "stem_bn": "bn1", "fc": "fc"}
     if path[0] in top:
         return top[path[0]]
@@ -53,12 +58,15 @@ def _vgg_module(path: tuple[str, ...]) -> str:
 
 def module_namer(model):
     """The Flax-path → PyTorch-prefix function for ``model``'s family."""
-    if isinstance(model, jax_resnet.CifarResNet):
-        return _cifar_resnet_module
-    if isinstance(model, jax_vgg.VGG):
+    if isinstance(model, (jax_resnet.CifarResNet, jax_imagenet_resnet.ResNet)):
+        return _resnet_module
+    if isinstance(model, jax_vgg.VGG) and (model.pool_before, model.head_pool, model.hidden) == (
+            jax_vgg.REPDISTILLER_POOLS, "avg", ()):
         return _vgg_module
     raise ValueError(f"converting {type(model).__name__} models from PyTorch is not supported; "
-                     f"supported families: CIFAR ResNet (resnet8..110, x4), VGG")
+                     f"supported families: CIFAR ResNet (resnet8..110, x4), VGG "
+                     f"(vgg8..19), "
+                     f"torchvision ResNet (resnet18/34/50[_cifar])")
 
 
 def torch_name(collection: str, path: tuple[str, ...], leaf: str, ndim: int, namer) -> str:

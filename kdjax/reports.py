@@ -15,6 +15,7 @@ so nothing else in kdjax loads it.
   pareto_plot       evaluated candidates, final population, archived front (emo_pms)
   hypervolume_plot  NSGA-II hypervolume per generation (emo_pms)
   comparison_plot   one comparison of a study: top-1 bars or top-1 against MACs (study)
+  latency_plot      pruned latency against MACs (bench_speed)
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: PathLike) -> None:
+def _save(fig, path: PathLike, dpi: int = 100) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     _pyplot().close(fig)
 
 
@@ -239,3 +240,20 @@ def comparison_plot(png: PathLike, comp, rows: list[dict], stats: list[tuple]) -
     ax.set_ylabel("test top-1 (%), last epoch")
     ax.set_title(f"{comp.name} (mean ± std over seeds)")
     _save(fig, png)
+
+
+def latency_plot(rows: list[dict], model_name: str, path: PathLike) -> None:
+    """Latency (ms) against MACs (M), one line per round_to, the dense model (rows[0])
+    marked (kdjax.bench_speed). rows: [{'macs', 'seconds', 'round_to'}]."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for multiple in sorted({r["round_to"] for r in rows[1:]}):
+        pts = sorted((r["macs"] / 1e6, 1e3 * r["seconds"]) for r in rows[1:]
+                     if r["round_to"] == multiple)
+        ax.plot(*zip(*pts), "o-", label="unrounded" if multiple == 1 else f"round_to {multiple}")
+    ax.plot(rows[0]["macs"] / 1e6, 1e3 * rows[0]["seconds"], "k*", ms=12, label="dense")
+    ax.set_xlabel("MACs per image (M)")
+    ax.set_ylabel("eval latency per batch (ms)")
+    ax.set_title(f"{model_name}: pruned latency vs MACs")
+    ax.legend()
+    _save(fig, path, dpi=120)

@@ -9,6 +9,10 @@ convert directly:
   CIFAR ResNet   conv1, bn1, layer{S}.{B}.{conv1,bn1,conv2,bn2,downsample.0,downsample.1}, fc
   VGG            block{S-1}.{3K} (conv with bias), block{S-1}.{3K+1} (BN), classifier
 
+and of torchvision's ImageNet ResNets (resnet18/34/50 and the ``*_cifar`` variants with
+the 3x3 stem): conv1, bn1, layer{1..4}.{B}.{conv1,bn1,conv2,bn2[,conv3,bn3],
+downsample.0,downsample.1}, fc.
+
 Architectures are built from kdjax's own model configs, so a twin always has exactly the
 parameters of the kdjax model (``tests/test_convert_torch.py`` checks the counts).
 """
@@ -18,11 +22,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdjax.models import imagenet_resnet as jax_imagenet_resnet
 from kdjax.models import resnet as jax_resnet
 from kdjax.models import vgg as jax_vgg
 
 
-class BasicBlock(nn.Module):
+# The VGGs of the CIFAR distillation zoo (pools before stages 2-4, no hidden layers).
+REPDISTILLER_VGGS = tuple(n for n, c in jax_vgg.CONFIGS.items() if set(c) == {"stage_widths"})
+
+
+class _ResidualBlock(nn.Module):
+    """Shared shortcut of the residual blocks: identity or ``downsample`` = conv1x1-BN."""
+
+    def _set_shortcut(self, in_width: int, out_width: int, stride: int, projection: bool):
+        self.downsample = None
+        if projection:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_width, out_width, 1, stride, bias=False), nn.BatchNorm2d(out_width))
+
+    def _output(self, h, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(h + shortcut)
+
+
+class BasicBlock(_ResidualBlock):
     """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU (NCHW)."""
 
     def __init__(self, in_width: int, out_width: int, stride: int, projection: bool):
@@ -31,16 +54,11 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_width)
         self.conv2 = nn.Conv2d(out_width, out_width, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_width)
-        self.downsample = None
-        if projection:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_width, out_width, 1, stride, bias=False), nn.BatchNorm2d(out_width))
+        self._set_shortcut(in_width, out_width, stride, projection)
 
     def forward(self, x):
         h = torch.relu(self.bn1(self.conv1(x)))
-        h = self.bn2(self.conv2(h))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return torch.relu(h + shortcut)
+        return self._output(self.bn2(self.conv2(h)), x)
 
 
 class CifarResNet(nn.Module):
@@ -67,8 +85,65 @@ class CifarResNet(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
+class Bottleneck(_ResidualBlock):
+    """conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1(4w)-BN + shortcut, ReLU (NCHW)."""
+
+    def __init__(self, in_width: int, width: int, out_width: int, stride: int,
+                 projection: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_width, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_width)
+        self._set_shortcut(in_width, out_width, stride, projection)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)))
+        return self._output(self.bn3(self.conv3(h)), x)
+
+
+class TorchvisionResNet(nn.Module):
+    """The torchvision-layout ResNet of ``kdjax.models.imagenet_resnet`` (same config
+    dict): ImageNet stem conv7x7/2 + max-pool 3x3/2, or the CIFAR 3x3 stem."""
+
+    def __init__(self, block: str, blocks_per_stage, stem_kind: str, num_classes: int,
+                 in_channels=3):
+        super().__init__()
+        m = jax_imagenet_resnet
+        stem = m.STEM_WIDTH
+        if stem_kind == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, stem, 7, 2, 3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.max_pool = stem_kind == "imagenet"
+        in_width = stem
+        for s, n in enumerate(blocks_per_stage, start=1):
+            out_width, blocks = m.stream_width(block, s), []
+            for b in range(n):
+                stride, projection = m.STRIDES[s - 1] if b == 0 else 1, m.has_projection(block, s, b)
+                blocks.append(BasicBlock(in_width, out_width, stride, projection)
+                              if block == "basic" else
+                              Bottleneck(in_width, m.BASE_WIDTHS[s - 1], out_width, stride,
+                                         projection))
+                in_width = out_width
+            setattr(self, f"layer{s}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(in_width, num_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        if self.max_pool:
+            h = nn.functional.max_pool2d(h, 3, 2, 1)
+        h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
 class VGG(nn.Module):
-    """The CIFAR VGG-BN of ``kdjax.models.vgg``: pools after stages 1–3, GAP, one Linear."""
+    """The RepDistiller VGG-BN of ``kdjax.models.vgg``: pools after stages 1–3, GAP, one
+    Linear."""
 
     def __init__(self, stage_widths, num_classes: int, in_channels=3):
         super().__init__()
@@ -86,21 +161,25 @@ class VGG(nn.Module):
     def forward(self, x):
         h = x
         for s in range(self.num_stages):
-            if jax_vgg.POOL_BEFORE[s]:
+            if jax_vgg.REPDISTILLER_POOLS[s]:
                 h = nn.functional.max_pool2d(h, 2)
             h = getattr(self, f"block{s}")(h)
         return self.classifier(h.mean(dim=(2, 3)))
 
 
 def get_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """The PyTorch twin of kdjax zoo model ``name`` (CIFAR ResNets and VGGs)."""
+    """The PyTorch twin of kdjax zoo model ``name`` (CIFAR ResNets, VGGs, torchvision
+    ResNets)."""
     if name in jax_resnet.CONFIGS:
         return CifarResNet(num_classes=num_classes, in_channels=in_channels,
                            **jax_resnet.CONFIGS[name])
-    if name in jax_vgg.CONFIGS:
+    if name in REPDISTILLER_VGGS:
         return VGG(num_classes=num_classes, in_channels=in_channels, **jax_vgg.CONFIGS[name])
-    raise ValueError(f"no PyTorch twin for model {name!r}; available: "
-                     f"{', '.join(sorted([*jax_resnet.CONFIGS, *jax_vgg.CONFIGS]))}")
+    if name in jax_imagenet_resnet.CONFIGS:
+        return TorchvisionResNet(num_classes=num_classes, in_channels=in_channels,
+                                 **jax_imagenet_resnet.CONFIGS[name])
+    available = sorted([*jax_resnet.CONFIGS, *REPDISTILLER_VGGS, *jax_imagenet_resnet.CONFIGS])
+    raise ValueError(f"no PyTorch twin for model {name!r}; available: {', '.join(available)}")
 
 
 def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:

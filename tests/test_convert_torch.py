@@ -34,6 +34,23 @@ def test_converted_twin_gives_pytorch_logits(tmp_path, name, classes):
     np.testing.assert_allclose(np.asarray(ours), torch_logits(net, images), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["resnet50", "resnet18"])
+def test_torchvision_resnet_converts_to_the_same_logits(name):
+    """torchvision's key layout (conv1, bn1, layer1..4.{i}.conv1..bn3, downsample.{0,1},
+    fc), random weights and BN statistics, at 64x64 to stay fast."""
+    torch.manual_seed(0)
+    net = torch_zoo.randomize_batch_norm(torch_zoo.get_model(name, 10), seed=2)
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    assert "layer1.0.downsample.0.weight" in state or name == "resnet18"
+    assert "layer4.1.bn2.running_var" in state and "fc.weight" in state
+    model = models.get_model(name, 10)
+    assert sum(p.numel() for p in net.parameters()) == model_cost(model, (64, 64, 3))["params"]
+    variables = convert_torch.convert_state_dict(state, model, (64, 64, 3))
+    images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    ours, _ = model.apply(variables, images, train=False)
+    np.testing.assert_allclose(np.asarray(ours), torch_logits(net, images), atol=1e-4, rtol=1e-4)
+
+
 def test_mismatched_state_dict_is_refused_with_the_keys(tmp_path):
     state = {k: v.numpy() for k, v in torch_zoo.get_model("resnet8", 10).state_dict().items()}
     model = models.get_model("resnet14", 10)
@@ -42,6 +59,8 @@ def test_mismatched_state_dict_is_refused_with_the_keys(tmp_path):
     wrong_classes = models.get_model("resnet8", 100)
     with pytest.raises(ValueError, match=r"fc\.weight: \(10, 64\)"):
         convert_torch.convert_state_dict(state, wrong_classes, (32, 32, 3))
+    with pytest.raises(ValueError, match="supported families"):
+        convert_torch.convert_state_dict(state, models.get_model("vgg11_cifar", 10), (32, 32, 3))
     state["extra.weight"] = np.zeros(3)
     with pytest.raises(ValueError, match=r"unexpected keys \['extra\.weight'\]"):
         convert_torch.convert_state_dict(state, models.get_model("resnet8", 10), (32, 32, 3))

@@ -174,7 +174,7 @@ def test_synthetic_splits_and_learnable():
 def test_unknown_source_lists_valid_ones():
   cfg = data.default_data_config()
   cfg.source = "csv"
-  with pytest.raises(ValueError, match="idx, tfds, synthetic"):
+  with pytest.raises(ValueError, match="idx, tfds, tfds_stream, synthetic"):
     data.load_splits(cfg, seed=0)
 
 

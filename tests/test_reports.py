@@ -119,3 +119,11 @@ def test_comparison_table():
     loaded = {**results, "teacher": {"model": "resnet20", "step": 7}}
     lines = reports.comparison_table(loaded, "resnet8", "kd", 0.0).splitlines()
     assert lines[2] == "| teacher resnet20 | loaded (step 7) |" and len(lines) == 6
+
+
+def test_latency_plot(tmp_path):
+    rows = [{"macs": 40e6, "seconds": 0.010, "round_to": 1},
+            {"macs": 20e6, "seconds": 0.007, "round_to": 1},
+            {"macs": 21e6, "seconds": 0.006, "round_to": 8}]
+    reports.latency_plot(rows, "resnet56", tmp_path / "l.png")
+    assert_png(tmp_path / "l.png")

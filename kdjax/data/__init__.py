@@ -24,14 +24,20 @@ def default_data_config() -> ml_collections.ConfigDict:
   """The ``data`` config section with its defaults (embedded Fashion-MNIST).
 
   name: dataset name ("fashion_mnist", "cifar10", "synthetic", any TFDS name).
-  source: "idx" | "tfds" | "synthetic".
+  source: "idx" | "tfds" | "tfds_stream" | "synthetic" ("tfds_stream": an
+    array_record split read lazily, for ImageNet scale; see
+    kdjax.data.streaming).
   data_dir: "" = the default folder of the source (IDX: the Debian package's
     /usr/share/datasets/fashion-mnist; TFDS: $TFDS_DATA_DIR or
     ~/tensorflow_datasets).
   validation_size: examples carved from the train split (0 = no validation).
   train_size: 0 = all remaining training examples, N > 0 = only the first N.
+  test_split: the TFDS split reported as test ("validation" for imagenet2012).
   augment: "none" | "crop_flip" (zero-pad by crop_padding, random crop, random
-    horizontal flip).
+    horizontal flip); with tfds_stream "none" | "inception_crop" (random
+    resized crop + flip) | "crop_flip" (images stored at image_size).
+  image_size: tfds_stream only: the square side every image is cropped and
+    resized to (0 = unset, required > 0 there).
   mean, std: per-channel normalisation (x/255 - mean)/std, one value a channel.
   synthetic_*: size, image shape (H,W,C) and classes of the synthetic source.
   num_workers: grain worker processes (0 = in-process).
@@ -42,7 +48,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       "data_dir": "",
       "validation_size": 5000,
       "train_size": 0,
+      "test_split": "test",
       "augment": "none",
+      "image_size": 0,
       "crop_padding": 4,
       "mean": (0.5,),
       "std": (0.5,),

@@ -94,8 +94,9 @@ def crop_flip_params(rng: np.random.Generator, batch_size: int,
 
 def _check_augment(augment: str) -> None:
   if augment not in VALID_AUGMENTATIONS:
-    raise ValueError(f"Unknown data.augment {augment!r}; valid: "
-                     f"{', '.join(VALID_AUGMENTATIONS)}")
+    raise ValueError(f"Unknown data.augment {augment!r} for in-memory sources; "
+                     f"valid: {', '.join(VALID_AUGMENTATIONS)} "
+                     f"(\"inception_crop\" needs data.source=\"tfds_stream\")")
 
 
 class _SplitReader:
@@ -150,6 +151,15 @@ class _TrainBatch(_SplitReader):
             "index": idx[mine].astype(np.int32)}
 
 
+def _builders(source) -> tuple[type, type]:
+  """(train, eval) batch builders: in-memory arrays, or a streaming source."""
+  if getattr(source, "streaming", False):
+    from kdjax.data import streaming  # pylint: disable=g-import-not-at-top
+
+    return streaming.StreamTrainBatch, streaming.StreamEvalBatch
+  return _TrainBatch, _EvalBatch
+
+
 def make_train_iterator(source, data_cfg, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1):
   """An endless iterator of this process's training batches.
@@ -161,33 +171,45 @@ def make_train_iterator(source, data_cfg, *, global_batch_size: int, seed: int,
   ``set_state(state)``; ``data_cfg.num_workers > 0`` prefetches in grain
   worker processes.
   """
-  batch_fn = _TrainBatch(source, data_cfg, global_batch_size, seed,
-                         process_index, process_count)
+  batch_cls = _builders(source)[0]
+  batch_fn = batch_cls(source, data_cfg, global_batch_size, seed,
+                       process_index, process_count)
   dataset = grain.MapDataset.range(sys.maxsize).map(batch_fn)
+  return iter(_prefetched(dataset, data_cfg.num_workers))
+
+
+def _prefetched(dataset, num_workers: int):
+  """``dataset`` as an IterDataset, built in ``num_workers`` grain worker
+  processes when > 0 (order kept)."""
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
-  if data_cfg.num_workers > 0:
+  if num_workers > 0:
     # grain's worker processes read absl flags; outside an absl app use their
     # defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)))
-  return iter(iter_dataset)
+        grain.MultiprocessingOptions(num_workers=int(num_workers)))
+  return iter_dataset
+
+
+def eval_slice(b: int, reader, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Eval batch ``b``'s slice for ``reader`` (global_batch_size, start, local)
+  over a split of ``n``: example indices int [B] (padding repeats the last one)
+  and mask float32 [B] (0 on padding)."""
+  first = b * reader.global_batch_size + reader.start
+  positions = np.arange(first, first + reader.local)
+  return np.minimum(positions, n - 1), (positions < n).astype(np.float32)
 
 
 class _EvalBatch(_SplitReader):
   """Batch number -> this process's slice of the in-order, padded eval batch."""
 
   def __call__(self, b: int) -> dict:
-    n = len(self.labels)
-    first = b * self.global_batch_size + self.start
-    positions = np.arange(first, first + self.local)
-    real = positions < n
-    idx = np.minimum(positions, n - 1)
+    idx, mask = eval_slice(b, self, len(self.labels))
     return {"image": normalize(self.images[idx], self.mean, self.std),
             "label": self.labels[idx],
-            "mask": real.astype(np.float32)}
+            "mask": mask}
 
 
 def eval_batches(source, data_cfg, *, global_batch_size: int,
@@ -197,11 +219,16 @@ def eval_batches(source, data_cfg, *, global_batch_size: int,
   Each element is {"image": float32 [B,H,W,C], "label": int32 [B],
   "mask": float32 [B]} with B = global_batch_size // process_count; the last
   global batch is padded (mask 0) so every batch has the same shape. All
-  processes see the same number of batches.
+  processes see the same number of batches. A streaming source is decoded in
+  ``data_cfg.num_workers`` grain worker processes (then an iterable, in order).
   """
   if len(source) == 0:
     raise ValueError("eval_batches needs a non-empty source")
   num_batches = -(-len(source) // global_batch_size)
-  batch_fn = _EvalBatch(source, data_cfg, global_batch_size, process_index,
-                        process_count)
-  return grain.MapDataset.range(num_batches).map(batch_fn)
+  batch_cls = _builders(source)[1]
+  batch_fn = batch_cls(source, data_cfg, global_batch_size, process_index,
+                       process_count)
+  dataset = grain.MapDataset.range(num_batches).map(batch_fn)
+  if getattr(source, "streaming", False) and data_cfg.num_workers > 0:
+    return _prefetched(dataset, data_cfg.num_workers)
+  return dataset

@@ -4,7 +4,8 @@ Every source is an :class:`ArraySource` holding the whole split in memory:
 ``images`` uint8 [N, H, W, C] and ``labels`` int32 [N]. It follows grain's
 ``RandomAccessDataSource`` protocol (``__len__``, ``__getitem__``); the input
 pipeline reads ``images``/``labels`` directly to batch and augment vectorised.
-Keeping splits in memory suits the datasets kdjax trains on (MNIST/CIFAR scale).
+Keeping splits in memory suits MNIST/CIFAR scale; ImageNet-scale splits use
+``source="tfds_stream"`` (kdjax.data.streaming: read lazily, nothing copied).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-VALID_SOURCES = ("idx", "tfds", "synthetic")
+VALID_SOURCES = ("idx", "tfds", "tfds_stream", "synthetic")
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
 IDX_REINSTALL_HINT = "apt-get install --reinstall dataset-fashion-mnist"
@@ -205,20 +206,17 @@ def tfds_prepare_hint(name: str, data_dir: str) -> str:
           f"--data_dir={data_dir}")
 
 
-def tfds_source(name: str, split: str,
-                data_dir: str = "") -> tuple[ArraySource, DatasetInfo]:
-  """Loads a TFDS split prepared in array_record format into memory.
+def open_tfds(name: str, split: str, data_dir: str = ""):
+  """A lazy ``tfds.data_source`` over a split prepared in array_record format.
 
-  Uses ``tfds.data_source`` (no TensorFlow needed). Items' "image" uint8
-  [H,W,C] and "label" become an ArraySource; the info (num_classes, image
-  shape) comes from the builder's features. Raises MissingDatasetError when
-  the dataset is not prepared under ``data_dir``.
+  No TensorFlow needed; items are read and decoded on access. Raises
+  MissingDatasetError when the dataset is not prepared under ``data_dir``.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   data_dir = data_dir or default_tfds_dir()
   try:
-    data = tfds.data_source(
+    return tfds.data_source(
         name, split=split, data_dir=data_dir, download=False,
         builder_kwargs={"file_format": "array_record"})
   except (tfds.core.registered.DatasetNotFoundError, KeyError,
@@ -227,6 +225,18 @@ def tfds_source(name: str, split: str,
         f"TFDS dataset {name!r} (split {split!r}) is not prepared in "
         f"array_record format under {data_dir}: {e}. Prepare it with "
         f"`{tfds_prepare_hint(name, data_dir)}`.") from e
+
+
+def tfds_source(name: str, split: str,
+                data_dir: str = "") -> tuple[ArraySource, DatasetInfo]:
+  """Loads a TFDS split prepared in array_record format into memory.
+
+  Items' "image" uint8 [H,W,C] and "label" (read with :func:`open_tfds`)
+  become an ArraySource; the info (num_classes, image shape) comes from the
+  builder's features. Raises MissingDatasetError when the dataset is not
+  prepared under ``data_dir``.
+  """
+  data = open_tfds(name, split, data_dir)
   features = data.dataset_info.features
   n = len(data)
   first = data[0] if n else None
@@ -303,8 +313,19 @@ def _load_train_test(data_cfg, seed: int):
                                     data_cfg.name)
   if source == "tfds":
     train, info = tfds_source(data_cfg.name, "train", data_cfg.data_dir)
-    test, _ = tfds_source(data_cfg.name, "test", data_cfg.data_dir)
+    test, _ = tfds_source(data_cfg.name, data_cfg.test_split, data_cfg.data_dir)
     return train, test, info
+  if source == "tfds_stream":
+    from kdjax.data import streaming  # pylint: disable=g-import-not-at-top
+
+    streaming.check_stream_config(data_cfg)
+    train, classes, channels = streaming.tfds_stream_source(
+        data_cfg.name, "train", data_cfg.data_dir)
+    test, _, _ = streaming.tfds_stream_source(
+        data_cfg.name, data_cfg.test_split, data_cfg.data_dir)
+    size = int(data_cfg.image_size)
+    return train, test, DatasetInfo(classes, (size, size, channels),
+                                    data_cfg.name)
   if source == "synthetic":
     shape = tuple(data_cfg.synthetic_shape)
     classes = int(data_cfg.synthetic_classes)
@@ -321,7 +342,8 @@ def load_splits(data_cfg, seed: int) -> Splits:
   """Loads train/validation/test per the ``data`` config (see default_data_config).
 
   Validation (``data_cfg.validation_size`` examples) is carved from the train
-  split with ``split_indices(..., seed)``; it is None when the size is 0.
+  split with ``split_indices(..., seed)``; it is None when the size is 0. A
+  streaming source's subsets are index views (nothing is read here).
   """
   train, test, info = _load_train_test(data_cfg, seed)
   train_idx, val_idx = split_indices(len(train), int(data_cfg.validation_size),

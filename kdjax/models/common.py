@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.models import conv_grad
+
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 DENSE_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -27,14 +29,16 @@ def conv3x3(features: int, stride: int = 1, use_bias: bool = False,
     """3x3 convolution, padding 1: [B, H, W, Cin] -> [B, ceil(H/s), ceil(W/s), features]."""
     return nn.Conv(features, (3, 3), strides=(stride, stride),
                    padding=((1, 1), (1, 1)), use_bias=use_bias,
-                   kernel_init=CONV_INIT, name=name)
+                   kernel_init=CONV_INIT, conv_general_dilated=conv_grad.current_conv(),
+                   name=name)
 
 
 def conv1x1(features: int, stride: int = 1, name: str | None = None) -> nn.Conv:
     """Bias-free 1x1 convolution: [B, H, W, Cin] -> [B, ceil(H/s), ceil(W/s), features]."""
     return nn.Conv(features, (1, 1), strides=(stride, stride),
                    padding=((0, 0), (0, 0)), use_bias=False,
-                   kernel_init=CONV_INIT, name=name)
+                   kernel_init=CONV_INIT, conv_general_dilated=conv_grad.current_conv(),
+                   name=name)
 
 
 def depthwise3x3(channels: int, stride: int = 1, name: str | None = None) -> nn.Conv:

@@ -43,7 +43,7 @@ from kdjax.pruning import cost as cost_lib
 from kdjax.pruning import masks as masks_lib
 from kdjax.pruning import saliency
 from kdjax.train import checkpoint as ckpt_lib
-from kdjax.train import loop, optim, sharding
+from kdjax.train import loop, optim, precision, sharding
 from kdjax.train.state import TrainState, make_eval_step
 
 log = logging.getLogger("kdjax")
@@ -147,16 +147,17 @@ class LevelView(NamedTuple):
                                 train=train)
 
 
-def level_forward(model, level_stats, images, taps=()):
+def level_forward(model, level_stats, images, taps=(), dtype=jnp.float32):
     """forward(params, masks {group: [L, C]}) -> (Outputs [L, ...], new level_stats):
     all levels in train mode as one ``vmap`` over (BN statistics, masks), the weights and
-    the images shared. ``taps``: the features the pair loss reads."""
+    the images shared, computed in ``dtype`` (kdjax.train.precision: float32 outputs).
+    ``taps``: the features the pair loss reads."""
 
     def forward(params, masks):
         def one(stats, m):
-            (logits, feats), updates = model.apply(
-                {"params": params, "batch_stats": stats}, images, masks=m, train=True,
-                mutable=["batch_stats"])
+            (logits, feats), updates = precision.apply(
+                model, {"params": params, "batch_stats": stats}, images, dtype, masks=m,
+                train=True, mutable=["batch_stats"])
             return Outputs(logits, {t: feats[t] for t in taps}), updates["batch_stats"]
 
         return jax.vmap(one)(level_stats, masks)
@@ -204,8 +205,10 @@ def make_schedule(model, input_shape, cfg, target: float, steps_per_epoch: int,
 
 
 def make_cascade_step(model, tx, schedule: Schedule, pair_loss, *, ce_weight: float,
-                      stop_gradient: bool, input_shape, normalize: str, taps=()):
-    """``step(state, batch, teacher_variables) -> (state, metrics)`` for loop.fit.
+                      stop_gradient: bool, input_shape, normalize: str, taps=(),
+                      compute_dtype: str = "float32", round_to: int = 1):
+    """``step(state, batch, teacher_variables) -> (state, metrics)`` for loop.fit
+    (forward passes in ``compute_dtype``; widths rounded to multiples of ``round_to``).
 
     One forward of all levels, the joint loss (``cascade.cascade_loss``), an optimizer
     update of the shared weights, the running saliency sum, and — on event steps — one
@@ -216,6 +219,7 @@ def make_cascade_step(model, tx, schedule: Schedule, pair_loss, *, ce_weight: fl
     table = cost_lib.cost_table(model, tuple(input_shape))
     full_macs = float(cost_lib.counts_cost(table, dict(table.widths))["macs"])
     targets = jnp.asarray(schedule.targets, jnp.float32)
+    dtype = precision.compute_dtype(compute_dtype)
 
     def loss_fn(outputs, batch, stop):
         return cascade_lib.cascade_loss(outputs, batch, pair_loss, ce_weight, stop)
@@ -223,12 +227,13 @@ def make_cascade_step(model, tx, schedule: Schedule, pair_loss, *, ce_weight: fl
     def prune(args):
         masks, total, count, e = args
         mean = jax.tree.map(lambda s: s / count, total)
-        new = cascade_lib.prune_event(mean, masks, targets[e], model, input_shape, normalize)
+        new = cascade_lib.prune_event(mean, masks, targets[e], model, input_shape, normalize,
+                                      round_to)
         return new, jax.tree.map(jnp.zeros_like, total), jnp.zeros_like(count)
 
     def step(state: CascadeState, batch: dict, teacher_variables=None):
         del teacher_variables  # the teacher is level 0 of the state
-        forward = level_forward(model, state.level_stats, batch["image"], taps)
+        forward = level_forward(model, state.level_stats, batch["image"], taps, dtype)
         loss, metrics, grads, sal, level_stats = cascade_lib.cascade_grads(
             forward, state.params, state.masks, lambda o, stop: loss_fn(o, batch, stop),
             stop_gradient)
@@ -285,7 +290,8 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
                                 jax.random.PRNGKey(config.seed + 1))
     step = make_cascade_step(model, tx, schedule, pair_loss, ce_weight=config.distill.ce_weight,
                              stop_gradient=cfg.teacher_stop_gradient,
-                             input_shape=ctx.input_shape, normalize=cfg.normalize, taps=taps)
+                             input_shape=ctx.input_shape, normalize=cfg.normalize, taps=taps,
+                             compute_dtype=config.train.compute_dtype, round_to=cfg.round_to)
     stage = loop.Stage(
         name="cascade", dir=ctx.workdir / "cascade", total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, global_batch_size=batch_size,
@@ -298,7 +304,8 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
     spec = ckpt_lib.model_spec(zoo_name(model), ctx.num_classes, ctx.input_shape)
     state, results = loop.fit(
         stage, mesh=ctx.mesh, state=state, train_step=step,
-        eval_step=make_eval_step(LevelView(model, levels - 1)), train_iter=train_iter,
+        eval_step=make_eval_step(LevelView(model, levels - 1), config.train.compute_dtype),
+        train_iter=train_iter,
         eval_data=loop.EvalData(ctx.splits.validation, ctx.splits.test, config.data),
         spec=spec, config_dict=config.to_dict())
     return jax.device_get(state), results, schedule
@@ -306,7 +313,8 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
 
 def evaluate_model(ctx, model, variables) -> dict:
     """Test (and, when the data has one, validation) top-1 of a plain zoo model."""
-    step = loop.compile_eval_step(make_eval_step(model), ctx.mesh)
+    step = loop.compile_eval_step(make_eval_step(model, ctx.config.train.compute_dtype),
+                                  ctx.mesh)
     splits = {"test": ctx.splits.test, "validation": ctx.splits.validation}
     return {name: loop.evaluate(step, variables, source, ctx.config.data,
                                 ctx.config.train.eval_batch_size, ctx.mesh)["top1"]
@@ -415,7 +423,8 @@ def oneshot_masks(ctx, model, variables, kind: str) -> dict:
             scores = jax.tree.map(jnp.add, scores, batch_scores(batch["image"], batch["label"]))
     macs = cost_lib.model_cost(model, ctx.input_shape)["macs"]
     return saliency.prune_to(scores, ones, macs_target=ctx.config.target_flops_ratio * macs,
-                             model=model, input_shape=ctx.input_shape, normalize=cfg.normalize)
+                             model=model, input_shape=ctx.input_shape, normalize=cfg.normalize,
+                             round_to=cfg.round_to)
 
 
 def run_oneshot(ctx, model, variables, teacher_results: dict) -> tuple[list[dict], dict]:
@@ -461,6 +470,7 @@ def validate(config) -> None:
     if cfg.normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown cascade.normalize {cfg.normalize!r} (per-group saliency "
                          f"normalisation); valid: {', '.join(NORMALIZATIONS)}")
+    saliency.check_round_to(cfg.round_to)
     pair_loss_from_config(config.distill)
 
 

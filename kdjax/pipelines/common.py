@@ -74,6 +74,21 @@ def output_shapes(model, variables, input_shape, batch_size: int):
                           variables, dummy)
 
 
+def train_flops_per_image(ctx: Context, model_name: str, widths, teacher_model) -> int:
+    """Model FLOPs of one training image for MFU: 3 × the student's forward + the
+    teacher's forward (analytic MACs of kdjax.pruning.cost, 2 FLOPs each)."""
+    from kdjax.pruning.cost import model_cost
+    from kdjax.train import throughput
+
+    student = models.get_model(model_name, ctx.num_classes, widths)
+    # An ensemble teacher (kdjax.distill.ensemble) costs the sum of its members.
+    teachers = () if teacher_model is None else getattr(teacher_model, "members",
+                                                        (teacher_model,))
+    teacher_macs = sum(model_cost(t, ctx.input_shape)["macs"] for t in teachers)
+    return throughput.train_flops_per_image(model_cost(student, ctx.input_shape)["macs"],
+                                            teacher_macs)
+
+
 def init_distill(ctx: Context, method, model, variables, teacher, batch_size: int):
     """A method's initial (params, state) for this student/teacher pair and dataset
     (CRD's memory banks get one row per training example)."""
@@ -142,17 +157,20 @@ def train_stage(ctx: Context, name: str, model_name: str, optim_cfg, objective, 
     train_iter = data_pipeline.make_train_iterator(
         ctx.splits.train, config.data, global_batch_size=batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
+    teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
+    dtype = config.train.compute_dtype
     stage = loop.Stage(
         name=name, dir=ctx.workdir / name, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, global_batch_size=batch_size,
         eval_batch_size=config.train.eval_batch_size,
         log_every_steps=config.train.log_every_steps,
-        eval_every_steps=config.train.eval_every_steps)
-    teacher_model, teacher_variables = teacher if teacher is not None else (None, None)
-    train_step = make_train_step(model, tx, objective, teacher=teacher_model)
+        eval_every_steps=config.train.eval_every_steps,
+        flops_per_image=train_flops_per_image(ctx, model_name, widths, teacher_model),
+        compute_dtype=dtype)
+    train_step = make_train_step(model, tx, objective, teacher=teacher_model, compute_dtype=dtype)
     state, results = loop.fit(
         stage, mesh=ctx.mesh, state=state, train_step=train_step,
-        eval_step=make_eval_step(model), train_iter=train_iter,
+        eval_step=make_eval_step(model, dtype), train_iter=train_iter,
         eval_data=loop.EvalData(ctx.splits.validation, ctx.splits.test, config.data),
         spec=spec, config_dict=config_dict or config.to_dict(),
         teacher_variables=teacher_variables,
@@ -235,7 +253,8 @@ def distill_stage(ctx: Context, name: str, model_name: str, optim_cfg, method, t
 def evaluate_model(ctx: Context, model, variables) -> dict:
     """{'validation', 'test'}: top-1 / top-5 / loss of a model on each held-out split (the
     trainer's sharded evaluation, compiled once); 'validation' is None without one."""
-    step = loop.compile_eval_step(make_eval_step(model), ctx.mesh)
+    step = loop.compile_eval_step(make_eval_step(model, ctx.config.train.compute_dtype),
+                                  ctx.mesh)
     return {split: None if source is None else loop.evaluate(
                 step, variables, source, ctx.config.data, ctx.config.train.eval_batch_size,
                 ctx.mesh)

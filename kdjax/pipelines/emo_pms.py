@@ -14,7 +14,8 @@ Stages (artefacts under ``workdir/<method>/``):
   search      — per sub-network NSGA-II over channel bits; objectives (minimised) =
                 (retained MACs ratio of the sub-network, selector CE on its output
                 computed from the UNPRUNED input features of a fixed HELD-OUT batch);
-                the whole population is evaluated in one vmapped, jitted call; an
+                the population is evaluated in one jitted call (vmap, loop or lax.map
+                chunks, ``emo.population_eval``, optionally split over devices); an
                 external archive keeps every non-dominated candidate ever evaluated;
   constraint  — K candidates per sub-network, spread over its archived Pareto front, each
                 trained so that g_s(f_{s-1}) ≈ f_s (MSE, unpruned f), all K at once (vmap);
@@ -64,6 +65,7 @@ from kdjax.pruning import saliency
 from kdjax.pruning import split as split_lib
 from kdjax.pruning.emo import apply_span, selector_loss, span_io, take, with_params
 from kdjax.train import checkpoint as ckpt_lib
+from kdjax.train import population, sharding
 
 log = logging.getLogger("kdjax")
 
@@ -192,12 +194,15 @@ def train_selectors(net: Network, subnets, batches, steps: int, lr: float,
 # --------------------------------------------------------------------------
 
 
-def make_evaluator(model, groups: dict, ratio_fn, start, stop, all_groups: dict):
+def make_evaluator(model, groups: dict, ratio_fn, start, stop, all_groups: dict,
+                   strategy: str = "vmap", chunk: int = 0, mesh=None):
     """Vectorised fitness ``evaluate(genomes [P, G], variables, selector, h, labels) -> [P, 2]``.
 
     Candidate i: masks = genome_to_masks(genomes[i]) on ``groups``, ones elsewhere;
     objectives = (ratio_fn(masks), CE of the selector on the span's output
-    from input h [B, ...]), non-finite losses replaced by BAD_LOSS. One jax.vmap.
+    from input h [B, ...]), non-finite losses replaced by BAD_LOSS. The candidates are
+    evaluated by ``strategy`` ("loop" | "vmap" | "map" in chunks of ``chunk``) and split
+    over ``mesh``'s devices (kdjax.train.population).
     """
     ones = {g: jnp.ones((c,), jnp.float32) for g, c in all_groups.items() if g not in groups}
 
@@ -208,11 +213,22 @@ def make_evaluator(model, groups: dict, ratio_fn, start, stop, all_groups: dict)
         loss = jnp.where(jnp.isfinite(loss), loss, BAD_LOSS)
         return jnp.stack([ratio_fn(sub), loss])
 
-    def evaluate(genomes, variables, selector, h, labels):
-        return jax.vmap(one, in_axes=(0, None, None, None, None))(
-            genomes, variables, selector, h, labels)
+    return population.sharded(population.batched(one, strategy, chunk), mesh)
 
-    return evaluate
+
+def population_evaluators(emo, mesh, build) -> dict:
+    """{strategy: evaluator} for ``emo.population_eval`` (all three for "auto", timed by
+    ``nsga2_search`` at the first generation); build(strategy, chunk, mesh) -> evaluator."""
+    choice = population.check_strategy(emo.population_eval)
+    names = population.STRATEGIES if choice == "auto" else (choice,)
+    return {n: build(n, emo.population_chunk, mesh) for n in names}
+
+
+def population_mesh(emo):
+    """The mesh the search's candidates are split over (``emo.population_devices``,
+    0 = all devices), or None for one device."""
+    mesh = sharding.make_mesh(emo.population_devices)
+    return mesh if mesh.size > 1 else None
 
 
 _generation = jax.jit(nsga2.generation,
@@ -225,16 +241,20 @@ def archived(archive) -> tuple[np.ndarray, np.ndarray]:
     return genomes[valid], objectives[valid]
 
 
-def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generations: int,
-                 label: str, target_ratio: float) -> dict:
+def nsga2_search(key, evaluators: dict, eval_args: tuple, groups: dict, emo, *,
+                 generations: int, label: str, target_ratio: float, mesh=None) -> dict:
     """NSGA-II over the channel bits of ``groups``, with an external archive of every
     non-dominated candidate evaluated (nsga2.archive_update, capacity = all evaluations,
     so nothing is dropped); logs one line per generation.
 
+    evaluators: {strategy: evaluate} (``population_evaluators``); with more than one,
+    each is timed on the initial population and the fastest is used. mesh: where the
+    population and ``eval_args`` are placed (replicated), None = the first device.
+
     Returns {'genomes' [A, G], 'objectives' [A, 2] (the archive: the non-dominated
     candidates of the whole search), 'population' [P, 2] (final population objectives),
     'hypervolume' [generations + 1] (of the archive: never decreasing), 'reference' [2],
-    'evaluated' [(1 + generations)·P, 2], 'evaluations', 'seconds'}.
+    'evaluated' [(1 + generations)·P, 2], 'evaluations', 'seconds', 'population_eval'}.
     The hypervolume reference is fixed from the initial population
     (split.reference_point: (1.05, 1.1 · max initial loss)).
     """
@@ -243,10 +263,15 @@ def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generati
     k_init, key = jax.random.split(key)
     genomes = nsga2.initial_population(k_init, emo.population, num_genes,
                                        tuple(emo.init_keep_range))
-    # Committed to one device like the evaluation data, so that the jitted generation
-    # sees the same input placement every call (no recompilation after generation 1).
-    genomes = jax.device_put(nsga2.repair(genomes, group_index, len(groups)),
-                             jax.devices()[0])
+    # Committed like the evaluation data, so that the jitted generation sees the same
+    # input placement every call (no recompilation after generation 1).
+    place = ((lambda x: jax.device_put(x, jax.devices()[0])) if mesh is None
+             else (lambda x: sharding.replicate(x, mesh)))
+    genomes = place(nsga2.repair(genomes, group_index, len(groups)))
+    eval_args = place(eval_args)
+    name = (next(iter(evaluators)) if len(evaluators) == 1
+            else population.fastest(evaluators, (genomes, *eval_args)))
+    evaluate = evaluators[name]
     evaluate_jit = jax.jit(evaluate)
     t0 = time.perf_counter()
     objectives = evaluate_jit(genomes, *eval_args)
@@ -286,7 +311,8 @@ def nsga2_search(key, evaluate, eval_args: tuple, groups: dict, emo, *, generati
             "population": np.asarray(objectives), "hypervolume": history,
             "reference": reference.tolist(),
             "evaluated": np.concatenate(evaluated),
-            "evaluations": emo.population * (generations + 1), "seconds": seconds}
+            "evaluations": emo.population * (generations + 1), "seconds": seconds,
+            "population_eval": name}
 
 
 def pareto_candidates(search: dict, k: int) -> np.ndarray:
@@ -335,15 +361,17 @@ def search_emo_pms(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
     full_fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
     logits, feats = full_fwd(net.variables, images)
     key = jax.random.PRNGKey(config.seed)
+    mesh = population_mesh(emo)
     searches, chosen_sets = {}, []
     for s_index, sub in enumerate(subnets):
         ratio_fn = functools.partial(split_lib.retained_ratio, net.table)
-        evaluate = make_evaluator(model, sub.groups, ratio_fn, sub.start, sub.stop, all_groups)
+        evaluators = population_evaluators(emo, mesh, functools.partial(
+            make_evaluator, model, sub.groups, ratio_fn, sub.start, sub.stop, all_groups))
         h, _ = span_io(images, logits, feats, sub)
-        search = nsga2_search(jax.random.fold_in(key, s_index), evaluate,
+        search = nsga2_search(jax.random.fold_in(key, s_index), evaluators,
                               (net.variables, selectors[sub.name], h, labels), sub.groups,
                               emo, generations=emo.generations, label=sub.name,
-                              target_ratio=config.target_flops_ratio)
+                              target_ratio=config.target_flops_ratio, mesh=mesh)
         picks = pareto_candidates(search, emo.candidates_per_subnet)
         search["candidates"] = picks
         searches[sub.name] = search
@@ -411,11 +439,13 @@ def search_whole_nsga2(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
     groups = models.mask_groups(model)
     images, labels = validation_arrays(ctx, emo.eval_batch)
     ratio_fn = lambda masks: split_lib.macs(net.table, masks) / net.macs
-    evaluate = make_evaluator(model, groups, ratio_fn, None, None, groups)
-    search = nsga2_search(jax.random.PRNGKey(config.seed), evaluate,
+    mesh = population_mesh(emo)
+    evaluators = population_evaluators(emo, mesh, functools.partial(
+        make_evaluator, model, groups, ratio_fn, None, None, groups))
+    search = nsga2_search(jax.random.PRNGKey(config.seed), evaluators,
                           (net.variables, None, images, labels), groups, emo,
                           generations=generations, label="whole",
-                          target_ratio=target)
+                          target_ratio=target, mesh=mesh)
     obj = search["objectives"]
     exact = [cost_lib.model_cost(model, ctx.input_shape,
                                  split_lib.genome_to_masks(jnp.asarray(g), groups))["macs"]
@@ -457,13 +487,14 @@ def search_saliency(ctx, net: Network, kind: str) -> tuple[dict, dict, dict]:
             scores = jax.tree.map(jnp.add, scores,
                                   batch_scores(variables, batch["image"], batch["label"]))
     masks = saliency.prune_to(scores, ones, macs_target=net.budget, model=model,
-                              input_shape=ctx.input_shape)
+                              input_shape=ctx.input_shape, round_to=ctx.config.emo.round_to)
     return masks, {}, {"scores": kind}
 
 
 def search_uniform(ctx, net: Network) -> tuple[dict, dict, dict]:
     """The same fraction of every group kept, the largest one meeting the budget."""
-    masks = split_lib.uniform_for_budget(net.table, models.mask_groups(net.model), net.budget)
+    masks = split_lib.uniform_for_budget(net.table, models.mask_groups(net.model), net.budget,
+                                         round_to=ctx.config.emo.round_to)
     return masks, {}, {}
 
 
@@ -517,8 +548,8 @@ def prepare(ctx) -> tuple[Network, dict]:
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"target_flops_ratio must be in (0, 1], got {ratio}")
     model, variables, teacher_results = common.obtain_teacher(ctx)
-    # The search runs on one device (populations are vmapped, not sharded); the trainer's
-    # replicated copies would otherwise clash with single-device data.
+    # The search's data sit on one device unless emo.population_devices > 1 (then
+    # nsga2_search replicates them); the trainer's replicated copies would otherwise clash.
     variables = jax.device_put(variables, jax.devices()[0])
     table = cost_lib.cost_table(model, tuple(ctx.input_shape))
     macs = float(cost_lib.counts_cost(table, dict(table.widths))["macs"])
@@ -531,6 +562,8 @@ def run(config, workdir) -> dict:
     emo = config.emo
     if emo.method not in METHODS:
         raise ValueError(f"unknown emo.method {emo.method!r}; valid: {', '.join(METHODS)}")
+    saliency.check_round_to(emo.round_to)
+    population.check_strategy(emo.population_eval)
     if emo.crossover not in CROSSOVERS:
         raise ValueError(f"unknown emo.crossover {emo.crossover!r}; valid: {sorted(CROSSOVERS)}")
     ctx = common.setup(config, workdir)
@@ -552,8 +585,13 @@ def run(config, workdir) -> dict:
     else:
         masks, params, info = search_uniform(search_ctx, net)
     info["seconds"] = time.perf_counter() - t0
-    return finish(ctx, net, masks, with_params(net.variables, params), info, teacher_results,
-                  out_dir)
+    variables = with_params(net.variables, params)
+    # Rounding only removes channels, so the budget still holds (a no-op after l1, taylor
+    # and uniform, which round inside their budget search).
+    if emo.round_to > 1:
+        masks = saliency.round_masks(saliency.l1_scores(net.model, variables["params"]),
+                                     masks, emo.round_to)
+    return finish(ctx, net, masks, variables, info, teacher_results, out_dir)
 
 
 def finish(ctx, net: Network, masks: dict, variables: dict, info: dict,

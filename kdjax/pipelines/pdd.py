@@ -29,6 +29,7 @@ from kdjax import models, reports
 from kdjax.pipelines import common
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
+from kdjax.pruning import saliency
 from kdjax.pruning.learned_masks import LearnedMasks, binary_masks
 from kdjax.train import checkpoint as ckpt_lib
 
@@ -88,8 +89,9 @@ def reduction(pruned: dict, reference: dict) -> dict:
 
 def run(config, workdir) -> dict:
     """Teacher → (KD baseline) → KD with learned masks → compact → fine-tune."""
-    ctx = common.setup(config, workdir)
     pdd = config.pdd
+    saliency.check_round_to(pdd.round_to)
+    ctx = common.setup(config, workdir)
     student = models.get_model(config.student.name, ctx.num_classes)
     teacher, teacher_results, method = common.teacher_and_method(ctx, student)
     results = {"teacher": teacher_results}
@@ -108,6 +110,10 @@ def run(config, workdir) -> dict:
     best, selection = selected_masks(ctx)
     groups = models.mask_groups(student)
     masks = binary_masks(best["params"], groups)
+    if pdd.round_to > 1:  # round down to multiples, dropping the lowest-logit channels
+        logits = best["params"]["mask_logits"]
+        masks = saliency.round_masks({g: logits.get(g, masks[g]) for g in groups}, masks,
+                                     pdd.round_to)
     fallback = fallback_groups(best["params"])
     if fallback:
         log.warning("[pdd] every mask logit <= 0 in %s: their largest-logit channel is kept, "

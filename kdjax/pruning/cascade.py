@@ -101,13 +101,15 @@ def is_nested(masks: Mapping[str, Any]) -> bool:
 
 def prune_event(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
                 macs_targets: jax.Array, model, input_shape,
-                normalize: str = "mean") -> dict[str, jax.Array]:
+                normalize: str = "mean", round_to: int = 1) -> dict[str, jax.Array]:
     """One pruning event over all levels (module docstring).
 
     scores, masks: {group: [L, C_g]} (saliency ≥ 0; nested binary masks); macs_targets:
     [L] MACs per image each level must reach (entry 0 unused: the teacher stays whole);
     model, input_shape (H, W, C): the network and input the MACs refer to (static);
-    normalize: per-group normalisation of the saliencies (``saliency.normalize_scores``).
+    normalize: per-group normalisation of the saliencies (``saliency.normalize_scores``);
+    round_to: kept widths rounded down to multiples (``saliency.prune_to``; rounding only
+    removes channels of the level's own pruning, so nesting still holds).
     Returns the new nested masks {group: [L, C_g]}. jit-safe.
     """
     groups = list(masks)
@@ -118,7 +120,7 @@ def prune_event(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
         keys = {g: jnp.where(own[g] != 0, norm[g], -1.0) for g in groups}
         new.append(saliency_lib.prune_to(keys, parent, macs_target=macs_targets[k],
                                          model=model, input_shape=input_shape,
-                                         normalize="none"))
+                                         normalize="none", round_to=round_to))
     return {g: jnp.stack([m[g] for m in new]) for g in groups}
 
 

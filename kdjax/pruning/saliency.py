@@ -108,10 +108,56 @@ def normalize_scores(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Ar
     return out
 
 
+def check_round_to(round_to: int) -> int:
+    """``round_to`` as an int ≥ 1, else a ValueError naming it."""
+    if isinstance(round_to, bool) or int(round_to) != round_to or round_to < 1:
+        raise ValueError(f"round_to must be an integer >= 1 (1 = off; e.g. 8/16 for CPU "
+                         f"SIMD, 128 for TPU lanes), got {round_to!r}")
+    return int(round_to)
+
+
+def round_counts(kept: jax.typing.ArrayLike, width: jax.typing.ArrayLike,
+                 round_to: int) -> jax.Array:
+    """Kept-channel counts rounded down to a multiple of ``round_to``.
+
+    r(k) = k                               if k = width (an unpruned group keeps its
+                                           dense width, multiple or not),
+         = k                               if k < round_to (a group narrower than the
+                                           multiple keeps its width: never emptied),
+         = round_to · ⌊k / round_to⌋       otherwise.
+    r(k) ≤ k, so MACs (monotone in every count) never rise; r is non-decreasing in k.
+    kept, width: broadcastable integer-valued arrays. jit-safe.
+    """
+    kept = jnp.asarray(kept)
+    down = jnp.floor(kept / round_to) * round_to
+    return jnp.where((kept >= width) | (kept < round_to), kept, down).astype(kept.dtype)
+
+
+def round_masks(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
+                round_to: int) -> dict[str, jax.Array]:
+    """Per group, keep the r(k_g) highest-scoring alive channels (``round_counts``,
+    k_g = alive channels of group g, width C_g); the others are zeroed.
+
+    scores, masks: {group: [C_g]} (binary masks). The result is a subset of ``masks``
+    (so nesting with a parent level is kept). Ties go to the lower index. jit-safe.
+    """
+    round_to = check_round_to(round_to)
+    out = {}
+    for g, m in masks.items():
+        live = m != 0
+        size = live.shape[-1]
+        keep = round_counts(jnp.sum(live), size, round_to)
+        key = jnp.where(live, jnp.asarray(scores[g], jnp.float32), -jnp.inf)
+        order = jnp.argsort(-key, stable=True)
+        rank = jnp.zeros_like(order).at[order].set(jnp.arange(size))
+        out[g] = jnp.where(live & (rank < keep), m, jnp.zeros_like(m))
+    return out
+
+
 def prune_to(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
              keep_ratio: float | None = None, macs_target: float | None = None,
              model: nn.Module | None = None, input_shape: Sequence[int] | None = None,
-             normalize: str = "mean") -> dict[str, jax.Array]:
+             normalize: str = "mean", round_to: int = 1) -> dict[str, jax.Array]:
     """Zero the globally lowest-scoring alive channels until a target is met.
 
     scores, masks: {group: [C_g]} (binary masks; vmap for a population). Scores are
@@ -125,11 +171,18 @@ def prune_to(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
       macs_target: remove the shortest prefix of the ranking whose masked MACs per image
                    (``cost.counts_cost`` on ``model`` at ``input_shape`` (H, W, C)) are
                    ≤ macs_target; if none reaches it, every removable channel goes.
+    round_to > 1: every group's kept count is then rounded down to a multiple of
+    round_to (``round_counts``: unpruned groups and groups narrower than the multiple
+    keep their count), dropping the group's lowest-scoring kept channels. With
+    macs_target the prefix is chosen on the *rounded* MACs, i.e. the shortest prefix
+    whose rounded widths are ≤ macs_target, so the budget still holds; with keep_ratio
+    the kept fraction is ≤ keep_ratio (rounding only removes channels).
     Returns the new masks (same dtypes). jit-safe in scores, masks and the targets
     (model and input_shape are static).
     """
     if (keep_ratio is None) == (macs_target is None):
         raise ValueError("give exactly one of keep_ratio or macs_target")
+    round_to = check_round_to(round_to)
     groups = list(masks)
     sizes = [int(jnp.shape(masks[g])[-1]) for g in groups]
     norm = normalize_scores(scores, masks, normalize)
@@ -158,6 +211,8 @@ def prune_to(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
         alive_counts = jnp.stack([jnp.sum(a) for a in jnp.split(alive, np.cumsum(sizes)[:-1])])
         counts = alive_counts - jnp.concatenate([jnp.zeros((1, len(groups))),
                                           jnp.cumsum(removed, axis=0)])      # [N+1, G]
+        if round_to > 1:
+            counts = round_counts(counts, jnp.asarray(sizes, counts.dtype), round_to)
         macs = cost_lib.counts_cost(table, dict(zip(groups, counts.T)))["macs"]
         steps = jnp.arange(order.shape[0] + 1)
         feasible = (macs <= macs_target) & (steps <= n_cand)
@@ -169,4 +224,4 @@ def prune_to(scores: Mapping[str, jax.Array], masks: Mapping[str, jax.Array],
         m = masks[g]
         out[g] = jnp.where(remove[start:start + size], jnp.zeros_like(m), m)
         start += size
-    return out
+    return round_masks(norm, out, round_to) if round_to > 1 else out

@@ -35,6 +35,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from kdjax.pruning import cost as cost_lib
+from kdjax.pruning import saliency as saliency_lib
 
 Masks = Mapping[str, ArrayLike]  # {group: [..., C_g]}
 
@@ -257,27 +258,31 @@ def brute_force_select(impairments: Sequence[ArrayLike], macs: np.ndarray,
 # --------------------------------------------------------------------------
 
 
-def uniform_masks(groups: Mapping[str, int], keep: float) -> dict[str, jax.Array]:
-    """Keep the first max(1, round(keep · C)) channels of every group: {group: f32 [C]}."""
+def uniform_masks(groups: Mapping[str, int], keep: float,
+                  round_to: int = 1) -> dict[str, jax.Array]:
+    """Keep the first k = r(max(1, round(keep · C))) channels of every group: {group: f32 [C]}
+    (r = ``saliency.round_counts`` to a multiple of round_to; 1 = no rounding)."""
+    round_to = saliency_lib.check_round_to(round_to)
     out = {}
     for g, c in groups.items():
-        k = int(np.clip(round(keep * c), 1, c))
+        k = int(saliency_lib.round_counts(int(np.clip(round(keep * c), 1, c)), c, round_to))
         out[g] = jnp.asarray(np.arange(c) < k, jnp.float32)
     return out
 
 
 def uniform_for_budget(table: cost_lib.CostTable, groups: Mapping[str, int], budget: float,
-                       iters: int = 40) -> dict[str, jax.Array]:
+                       iters: int = 40, round_to: int = 1) -> dict[str, jax.Array]:
     """Uniform masks with the largest keep fraction whose MACs are ≤ budget (bisection
-    on keep ∈ (0, 1]; the per-group rounding makes MACs monotone non-decreasing in keep)."""
-    cost = lambda keep: float(macs(table, uniform_masks(groups, keep)))
+    on keep ∈ (0, 1]; the per-group rounding, and the rounding to multiples of round_to,
+    make MACs monotone non-decreasing in keep)."""
+    cost = lambda keep: float(macs(table, uniform_masks(groups, keep, round_to)))
     lo, hi = 0.0, 1.0
     if cost(hi) <= budget:
-        return uniform_masks(groups, hi)
+        return uniform_masks(groups, hi, round_to)
     for _ in range(iters):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
-    return uniform_masks(groups, lo)
+    return uniform_masks(groups, lo, round_to)
 
 
 # --------------------------------------------------------------------------

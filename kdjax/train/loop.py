@@ -23,7 +23,7 @@ import logging
 
 from kdjax.train import checkpoint as ckpt_lib
 from kdjax.train import metrics as metrics_lib
-from kdjax.train import sharding
+from kdjax.train import sharding, throughput
 
 log = logging.getLogger("kdjax")
 
@@ -48,6 +48,8 @@ class Stage:
     eval_batch_size: int
     log_every_steps: int = 50
     eval_every_steps: int = 0  # 0 = once per epoch
+    flops_per_image: float = 0.0  # model FLOPs of one training image (0 = MFU not shown)
+    compute_dtype: str = "float32"  # selects the device peak the MFU divides by
 
 
 @dataclasses.dataclass
@@ -206,6 +208,14 @@ def _mean_scalars(history: list[tuple[int, dict]]) -> dict:
     return {k: float(np.mean([np.asarray(v[k]) for _, v in history])) for k in keys}
 
 
+def _throughput(stage: Stage, images_per_sec: float, mesh) -> str:
+    """Images/s per device and MFU for the progress line ('' without a FLOPs count)."""
+    if not stage.flops_per_image:
+        return ""
+    peak = throughput.peak_flops(jax.devices()[0].device_kind, stage.compute_dtype)
+    return throughput.describe(images_per_sec, mesh.size, stage.flops_per_image, peak)
+
+
 def fit(
     stage: Stage,
     *,
@@ -281,7 +291,7 @@ def fit(
                     eta = (stage.total_steps - step) * stage.global_batch_size / max(rate, 1e-9)
                     log.info(metrics_lib.progress_line(
                         stage.name, step, stage.total_steps, step / stage.steps_per_epoch,
-                        scalars, rate, eta))
+                        scalars, rate, eta, _throughput(stage, rate, mesh)))
                     last_log_time, last_log_step = now, step
                 if boundary:
                     progress = _evaluate_and_save(

@@ -101,10 +101,12 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(stage: str, step: int, total: int, epoch: float, scalars: dict,
-                  images_per_sec: float, eta_seconds: float) -> str:
-    """One human-readable progress line for the log."""
+                  images_per_sec: float, eta_seconds: float, throughput: str = "") -> str:
+    """One human-readable progress line for the log (``throughput``: e.g. per-device
+    images/s and MFU, appended when given)."""
     shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+    extra = f" ({throughput})" if throughput else ""
     return (
         f"[{stage}] step {step}/{total} epoch {epoch:.2f} {shown} "
-        f"{images_per_sec:.0f} img/s ETA {format_duration(eta_seconds)}"
+        f"{images_per_sec:.0f} img/s{extra} ETA {format_duration(eta_seconds)}"
     )

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from kdjax.distill.base import Aux, Outputs
+from kdjax.train import precision
 
 
 @flax.struct.dataclass
@@ -79,8 +80,12 @@ def per_example_hits(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, j
     return hit1.astype(jnp.float32), hit5.astype(jnp.float32)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, objective: Objective, teacher=None):
+def make_train_step(model, tx: optax.GradientTransformation, objective: Objective, teacher=None,
+                    compute_dtype: str = "float32"):
     """Build ``step(state, batch, teacher_variables) -> (state, metrics)``.
+
+    Student and teacher forward passes run in ``compute_dtype`` (kdjax.train.precision:
+    float32 parameters, statistics and outputs, so the objective sees float32).
 
     The student runs in train mode (BN batch statistics updated); the teacher, if given,
     runs in eval mode inside the same compiled program, and its ``Outputs(logits,
@@ -92,17 +97,21 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: Objectiv
     metrics always include 'loss' and 'accuracy' (batch top-1).
     """
 
+    dtype = precision.compute_dtype(compute_dtype)
+
     def step(state: TrainState, batch: dict, teacher_variables=None):
         images, labels = batch["image"], batch["label"]
         teacher_out = None
         if teacher is not None:
-            teacher_out = jax.lax.stop_gradient(
-                Outputs(*teacher.apply(teacher_variables, images, train=False)))
+            teacher_out = jax.lax.stop_gradient(Outputs(*precision.apply(
+                teacher, teacher_variables, images, dtype, train=False)))
 
         def loss_fn(variables):
-            (logits, features), updates = model.apply(
+            (logits, features), updates = precision.apply(
+                model,
                 {"params": variables["model"], "batch_stats": state.batch_stats},
                 images,
+                dtype,
                 train=True,
                 mutable=["batch_stats"],
             )
@@ -132,8 +141,9 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: Objectiv
     return step
 
 
-def make_eval_step(model):
-    """Build ``eval_step(variables, batch) -> per-example results``.
+def make_eval_step(model, compute_dtype: str = "float32"):
+    """Build ``eval_step(variables, batch) -> per-example results`` (forward pass in
+    ``compute_dtype``, metrics in float32).
 
     batch: {'image' [B,H,W,C], 'label' [B], 'mask' [B]}; padded examples have mask 0.
     Returns {'loss', 'top1', 'top5', 'count'}, each float32 [B] already multiplied by the
@@ -141,8 +151,10 @@ def make_eval_step(model):
     Results stay sharded like the batch: the step needs no cross-device collective.
     """
 
+    dtype = precision.compute_dtype(compute_dtype)
+
     def eval_step(variables, batch):
-        logits, _ = model.apply(variables, batch["image"], train=False)
+        logits, _ = precision.apply(model, variables, batch["image"], dtype, train=False)
         weights = batch["mask"]
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         hit1, hit5 = per_example_hits(logits, batch["label"])
