@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+from kdjax import reports
+
 TARGETS = (0.7, 0.45, 0.24)   # MACs ratios; 0.24 ≈ the 4.18x of issue 17
 MULTIPLES = (1, 8, 16)
 
@@ -67,30 +69,8 @@ def pruned_latency(model_name: str, args, png: str, targets=TARGETS,
         print(f"| {row['target']:.2f} | {row['round_to']} | {row['macs'] / 1e6:.2f} | "
               f"{row['params']:,} | {1e3 * row['seconds']:.2f} | {row['speedup']:.2f}x | "
               f"{reduction:.2f}x | {row['speedup'] / reduction:.2f} |", flush=True)
-    plot_latency(rows, model_name, png)
+    reports.latency_plot(rows, model_name, png)
     return rows
-
-
-def plot_latency(rows: list[dict], model_name: str, path: str) -> None:
-    """Latency (ms) against MACs (M), one line per round_to, the dense model marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for multiple in sorted({r["round_to"] for r in rows[1:]}):
-        pts = sorted((r["macs"] / 1e6, 1e3 * r["seconds"]) for r in rows[1:]
-                     if r["round_to"] == multiple)
-        ax.plot(*zip(*pts), "o-", label="unrounded" if multiple == 1 else f"round_to {multiple}")
-    ax.plot(rows[0]["macs"] / 1e6, 1e3 * rows[0]["seconds"], "k*", ms=12, label="dense")
-    ax.set_xlabel("MACs per image (M)")
-    ax.set_ylabel("eval latency per batch (ms)")
-    ax.set_title(f"{model_name}: pruned latency vs MACs")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def population_problem(model_name: str, population: int, eval_batch: int, args):

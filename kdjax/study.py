@@ -39,6 +39,8 @@ import pathlib  # noqa: E402
 import sys  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
+from kdjax import reports  # noqa: E402
+
 log = logging.getLogger("kdjax")
 
 RESULT_FILE = "study_result.json"
@@ -401,34 +403,8 @@ def plot_comparison(comp, rows: list[dict], path: pathlib.Path) -> bool:
     rows = [r for r in rows if r["top1"]]
     if not rows:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     stats = [mean_std(list(r["top1"].values())) for r in rows]
-    errs = [0.0 if math.isnan(s) else s for _, s in stats]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2), 3.5))
-    if comp.kind == "pruning" and all(r["macs"] for r in rows):
-        for r, (m, _), e in zip(rows, stats, errs):
-            ax.errorbar(sum(r["macs"]) / len(r["macs"]) / 1e6, m, yerr=e, fmt="o",
-                        capsize=3, label=r["name"])
-        ax.set_xlabel("MACs (M)")
-        ax.legend(fontsize=8)
-    else:
-        ax.bar(range(len(rows)), [m for m, _ in stats], yerr=errs, capsize=3,
-               color=["tab:gray" if r["name"] == comp.baseline else "tab:blue" for r in rows])
-        ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=45, ha="right")
-        low = min(m - e for (m, _), e in zip(stats, errs))
-        high = max(m + e for (m, _), e in zip(stats, errs))
-        ax.set_ylim(low - 0.5 - 0.2 * (high - low), high + 0.5)
-    ax.set_ylabel("test top-1 (%), last epoch")
-    ax.set_title(f"{comp.name} (mean ± std over seeds)")
-    fig.tight_layout()
-    from kdjax.train import files
-
-    files.save_figure(fig, path)
-    plt.close(fig)
+    reports.comparison_plot(path, comp, rows, stats)
     return True
 
 

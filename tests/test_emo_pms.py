@@ -15,6 +15,7 @@ import pytest
 from kdjax import config_lib, models
 from kdjax.pipelines import common, emo_pms
 from kdjax.pruning import cost as cost_lib
+from kdjax.pruning import emo as emo_lib
 from kdjax.pruning import saliency
 from kdjax.pruning import split as split_lib
 
@@ -162,7 +163,7 @@ def test_population_evaluation_equals_single_evaluations():
         masks = split_lib.genome_to_masks(genome, groups)
         out = net.model.apply(net.variables, h, masks={**ones, **masks}, start=sub.start,
                               stop=sub.stop)[1][sub.stop]
-        return emo_pms.selector_loss(selector, out, labels), split_lib.retained_ratio(
+        return emo_lib.selector_loss(selector, out, labels), split_lib.retained_ratio(
             net.table, masks)
 
     for i in range(len(genomes)):
@@ -181,12 +182,13 @@ def test_all_ones_candidate_has_zero_impairment():
             for g, c in sub.groups.items()}
     trained = emo_pms.constraint_train(net, sub, cand, batches, steps=3, lr=0.05)
     # The unpruned candidate reproduces f_s exactly: zero loss, zero gradient, unchanged.
-    for a, b in zip(jax.tree.leaves(emo_pms.take(trained, 0)),
+    for a, b in zip(jax.tree.leaves(emo_lib.take(trained, 0)),
                     jax.tree.leaves({m: net.variables["params"][m] for m in sub.modules})):
         np.testing.assert_allclose(a, b, atol=1e-7)
     images = rng.normal(size=(12, *SHAPE)).astype(np.float32)
     labels = rng.integers(0, 10, 12)
-    delta = emo_pms.impairments(net, sub, trained, cand, images, labels, batch_size=5)
+    delta = emo_lib.impairments(net.model, net.variables, sub, trained, cand, images, labels,
+                                batch_size=5)
     assert delta.shape == (2,)
     assert abs(delta[0]) < 1e-5 and abs(delta[1]) > 1e-4
 
@@ -265,7 +267,7 @@ def test_end_to_end_synthetic(tmp_path, monkeypatch):
     picked = {g: c for s in subnets for g, c in s["candidates"][s["chosen"]]["kept"].items()}
     assert dict(finetune["widths"]) == picked == saved["pruned"]["widths"]
     # the compacted net fine-tuning starts from = the masked net with the trained params
-    trained = emo_pms.with_params(net.variables, params)
+    trained = emo_lib.with_params(net.variables, params)
     assert any(not np.array_equal(a, b) for m in params for a, b in zip(
         jax.tree.leaves(params[m]), jax.tree.leaves(net.variables["params"][m])))
     x = jnp.asarray(np.random.default_rng(5).normal(size=(6, *SHAPE)), jnp.float32)

@@ -10,7 +10,7 @@ import pytest
 from kdjax import config_lib, models
 from kdjax.data import pipeline as data_pipeline
 from kdjax.distill import Outputs
-from kdjax.models.learned_masks import LearnedMasks, binary_masks
+from kdjax.pruning.learned_masks import LearnedMasks, binary_masks
 from kdjax.pipelines import common, pdd
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kdjax import distill, losses, models
+from kdjax import distill, losses, models, reports
 from kdjax.distill.methods import KD
 from kdjax.data import pipeline as data_pipeline
 from kdjax.pipelines import common
@@ -457,51 +457,6 @@ def run_oneshot(ctx, model, variables, teacher_results: dict) -> tuple[list[dict
     return rows, results
 
 
-# --------------------------------------------------------------------------
-# Summary
-# --------------------------------------------------------------------------
-
-
-def summary_markdown(summary: dict) -> str:
-    """A row per level: MACs (target and reached), params, test top-1."""
-    lines = [f"## Cascaded pruning: {summary['model']}, method {summary['method']}, "
-             f"{summary['num_tas']} TA(s), target MACs ratio {summary['target_flops_ratio']}",
-             "", "| level | role | target MACs ratio | MACs ratio | MACs | params | test top-1 |",
-             "|---|---|---|---|---|---|---|"]
-    for r in summary["levels"]:
-        top1 = "—" if r["test_top1"] is None else f"{r['test_top1']:.2f}"
-        lines.append(f"| {r['level']} | {r['role']} | {r['target_macs_ratio']:.4f} | "
-                     f"{r['macs_ratio']:.4f} | {r['macs'] / 1e6:.2f}M | {r['params']:,} | {top1} |")
-    if "finetune" in summary:
-        lines += ["", f"Student after KD fine-tuning: test top-1 "
-                  f"{summary['finetune']['test_top1_last']:.2f}."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_levels(path, summary: dict) -> None:
-    """Test top-1 against MACs, one point per level (and the fine-tuned student)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in summary["levels"] if r["test_top1"] is not None]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["macs"] / 1e6 for r in rows], [r["test_top1"] for r in rows], "o-")
-    for r in rows:
-        ax.annotate(r["role"], (r["macs"] / 1e6, r["test_top1"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 4))
-    if "finetune" in summary:
-        ax.plot([rows[-1]["macs"] / 1e6], [summary["finetune"]["test_top1_last"]], "r*",
-                label="student, fine-tuned")
-        ax.legend(fontsize=7)
-    ax.set(xlabel="MACs per image (M)", ylabel="test top-1 (%)",
-           title=f"{summary['model']}: {summary['method']}, {summary['num_tas']} TA(s)")
-    fig.tight_layout()
-    files.save_figure(fig, path)
-    plt.close(fig)
-
-
 def validate(config) -> None:
     """Fail on a bad ``cascade`` section before any work."""
     cfg = config.cascade
@@ -538,8 +493,8 @@ def run(config, workdir) -> dict:
         summary["levels"], summary["finetune_only"] = run_oneshot(ctx, model, variables,
                                                                   teacher_results)
     files.save_json(ctx.workdir / "summary.json", summary)
-    markdown = summary_markdown(summary)
+    markdown = reports.cascade_markdown(summary)
     files.write_text(ctx.workdir / "summary.md", markdown)
-    plot_levels(ctx.workdir / "accuracy_macs.png", summary)
+    reports.accuracy_macs_plot(ctx.workdir / "accuracy_macs.png", summary)
     print(markdown, flush=True)
     return summary

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kdjax import distill, models
+from kdjax import distill, models, reports
 from kdjax.distill.cross_layer import CrossLayerGram
 from kdjax.distill.ensemble import TeacherEnsemble
 from kdjax.pipelines import common
@@ -172,4 +172,4 @@ def run(config, workdir) -> dict:
 def report(ctx, results: dict) -> None:
     """The kd pipeline's table and ``summary.json``, plus the table as ``summary.md``."""
     kd_pipeline.report(ctx, results)
-    files.write_text(ctx.workdir / "summary.md", kd_pipeline.summary_table(results) + "\n")
+    files.write_text(ctx.workdir / "summary.md", reports.stage_table(results) + "\n")

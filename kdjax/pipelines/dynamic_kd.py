@@ -19,7 +19,7 @@ import json
 
 from etils import epath
 
-from kdjax import models
+from kdjax import models, reports
 from kdjax.distill.methods import KD
 from kdjax.pipelines import common, kd
 from kdjax.train import files
@@ -53,37 +53,6 @@ class StepLog:
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
-
-
-def plot_controller(rows: list[dict], png: epath.Path) -> None:
-    """Three panels against the step: c (per class: mean, min–max band);
-    H(q_c) and H(p_t); the KD and CE terms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    series = lambda key: [r[key] for r in rows]  # noqa: E731
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    axes[0].plot(steps, series("controller"), label="c (mean)")
-    if "controller_min" in rows[0]:
-        axes[0].fill_between(steps, series("controller_min"), series("controller_max"),
-                             alpha=0.3, label="c min–max over classes")
-    axes[0].set_ylabel("controller c")
-    axes[0].legend()
-    axes[1].plot(steps, series("H_q"), label="H(q_c) student")
-    axes[1].plot(steps, series("H_p"), label="H(p_t) teacher")
-    axes[1].set_ylabel("entropy (nats)")
-    axes[1].legend()
-    axes[2].plot(steps, series("kd"), label="KD term")
-    axes[2].plot(steps, series("ce"), label="CE term")
-    axes[2].set_ylabel("loss")
-    axes[2].set_xlabel("step")
-    axes[2].legend()
-    fig.tight_layout()
-    files.save_figure(fig, png)
-    plt.close(fig)
 
 
 def final_controller(rows: list[dict]) -> dict:
@@ -120,6 +89,6 @@ def run(config, workdir) -> dict:
     rows = read_rows(jsonl)
     if rows:
         results[STAGE].update(final_controller(rows))
-        plot_controller(rows, stage_dir / "controller.png")
+        reports.controller_plot(rows, stage_dir / "controller.png")
     kd.report(ctx, results)
     return results

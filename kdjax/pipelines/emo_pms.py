@@ -33,6 +33,12 @@ same number of candidate evaluations as the per-sub-network searches together).
 Target: retained ratio R = MACs(pruned) / MACs(unpruned) ≤ ``config.target_flops_ratio``,
 MACs per image of every conv and dense layer (kdjax.pruning.cost).
 Writes pareto_<subnet>.json/.png, hypervolume.json/.png, scheme.json, results.json.
+
+The math lives in the core: the split, genomes, costs and GPIR in kdjax.pruning.split;
+selectors, constraint training and impairment in kdjax.pruning.emo; NSGA-II in
+kdjax.evolution; the plots in kdjax.reports. This module orchestrates them, writes the
+files and logs; the population evaluator (``make_evaluator``, ``nsga2_search``) is the one
+piece still here.
 """
 
 from __future__ import annotations
@@ -46,17 +52,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from kdjax import losses, models
+from kdjax import losses, models, reports
 from kdjax.data import Splits, load_splits, pipeline as data_pipeline, split_indices
 from kdjax.evolution import nsga2
 from kdjax.pipelines import common
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
+from kdjax.pruning import emo as emo_lib
 from kdjax.pruning import masks as masks_lib
 from kdjax.pruning import saliency
 from kdjax.pruning import split as split_lib
+from kdjax.pruning.emo import apply_span, selector_loss, span_io, take, with_params
 from kdjax.train import files, population, sharding
 
 log = logging.getLogger("kdjax")
@@ -77,52 +84,13 @@ class Network(NamedTuple):
 
 
 # --------------------------------------------------------------------------
-# Small pure helpers
+# Small helpers
 # --------------------------------------------------------------------------
-
-
-def selector_logits(params, features):
-    """Selector head: GAP (for [B, H, W, C]) + Dense -> [B, K]; ``params`` None = identity
-    (the span ends at the logits)."""
-    if params is None:
-        return features
-    pooled = jnp.mean(features, axis=(1, 2)) if features.ndim == 4 else features
-    return pooled @ params["w"] + params["b"]
-
-
-def selector_loss(params, features, labels):
-    """Mean CE of the selector on features [B, ...] with labels [B]."""
-    return losses.cross_entropy(selector_logits(params, features), labels)
-
-
-def span_io(images, logits, features, subnet):
-    """(input, target) of a sub-network from one unpruned forward pass: input = the tap
-    ``start`` (images when None), target = the tap ``stop`` (logits when None)."""
-    h = images if subnet.start is None else features[subnet.start]
-    target = logits if subnet.stop is None else features[subnet.stop]
-    return h, target
-
-
-def apply_span(model, variables, h, masks, start, stop):
-    """Output of taps (start, stop] of ``model`` (stop None: logits), eval mode."""
-    logits, features = model.apply(variables, h, masks=masks, train=False,
-                                   start=start, stop=stop)
-    return logits if stop is None else features[stop]
-
-
-def with_params(variables, params):
-    """``variables`` with the top-level parameter modules of ``params`` replaced."""
-    return {**variables, "params": {**variables["params"], **params}}
 
 
 def top1(evaluation) -> float | None:
     """Top-1 of an evaluation dict, None for a missing split."""
     return None if evaluation is None else evaluation["top1"]
-
-
-def take(tree, i):
-    """Entry ``i`` of a pytree stacked on a leading axis."""
-    return jax.tree.map(lambda a: a[i], tree)
 
 
 # --------------------------------------------------------------------------
@@ -210,40 +178,14 @@ def train_batches(ctx, batch_size: int, seed_offset: int):
 
 def train_selectors(net: Network, subnets, batches, steps: int, lr: float,
                     num_classes: int) -> dict:
-    """One selector per sub-network ending at a tap, trained with Adam on the frozen
-    eval-mode features of the unpruned network: min_θ CE(GAP(f_s) W + b, y).
+    """emo.train_selectors on the unpruned network; logs the last step's train CE.
     Returns {subnet name: params or None (span ends at the logits)}."""
-    shapes = jax.eval_shape(lambda v, x: net.model.apply(v, x)[1], net.variables,
-                            jax.ShapeDtypeStruct((1, *next(batches)["image"].shape[1:]),
-                                                 jnp.float32))
-    params = {s.name: {"w": jnp.zeros((shapes[s.stop].shape[-1], num_classes)),
-                       "b": jnp.zeros((num_classes,))}
-              for s in subnets if s.stop is not None}
-    tx = optax.adam(lr)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, variables, images, labels):
-        _, feats = net.model.apply(variables, images, train=False)
-        stops = {s.name: s.stop for s in subnets if s.stop is not None}
-
-        def loss_fn(p):
-            per = {n: selector_loss(p[n], feats[stops[n]], labels) for n in p}
-            return sum(per.values()), per
-
-        (_, per), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, per
-
-    per = {}
-    for i in range(steps):
-        batch = next(batches)
-        params, opt_state, per = step(params, opt_state, net.variables,
-                                      batch["image"], batch["label"])
+    selectors, per = emo_lib.train_selectors(net.model, net.variables, subnets, batches,
+                                             steps, lr, num_classes)
     if per:
         log.info("[emo_pms] selectors after %d steps: train CE %s", steps,
                  {n: round(float(v), 4) for n, v in per.items()})
-    return {s.name: params.get(s.name) for s in subnets}
+    return selectors
 
 
 # --------------------------------------------------------------------------
@@ -385,90 +327,17 @@ def pareto_candidates(search: dict, k: int) -> np.ndarray:
 
 def constraint_train(net: Network, subnet, cand_masks: dict, batches, steps: int,
                      lr: float) -> dict:
-    """Train K pruned copies of a sub-network at once: for each candidate k,
-    min_θ ‖g_s(f_{s-1}; θ_k, m_k) − f_s‖² / numel, f from the unpruned network (eval
-    mode) on training batches; SGD(momentum 0.9, cosine from ``lr``), no weight decay,
-    BN statistics frozen (eval mode), so an all-ones candidate stays exactly unpruned.
+    """emo.constraint_train of the K candidates ``cand_masks`` {group: [K, C]} of
+    ``subnet`` against the unpruned network; logs the MSE per candidate at the first,
+    every 100th and the last step. Returns {module: pytree [K, ...]}."""
 
-    cand_masks: {group of the subnet: [K, C]}. Returns the trained parameter modules of
-    the sub-network stacked on a leading axis K: {module: pytree [K, ...]}.
-    """
-    model, variables = net.model, net.variables
-    ones = {g: jnp.ones((c,), jnp.float32) for g, c in models.mask_groups(model).items()
-            if g not in subnet.groups}
-    num = next(iter(cand_masks.values())).shape[0]
-    own = {m: variables["params"][m] for m in subnet.modules}
-    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (num, *a.shape)), own)
-    tx = optax.sgd(optax.cosine_decay_schedule(lr, max(steps, 1)), momentum=0.9)
-    opt_state = jax.vmap(tx.init)(stacked)
-
-    def loss_one(params, masks, variables, h, target):
-        out = apply_span(model, with_params(variables, params), h, {**ones, **masks},
-                         subnet.start, subnet.stop)
-        return jnp.mean(jnp.square(out - target))
-
-    @jax.jit
-    def step(stacked, opt_state, variables, images):
-        # The unpruned forward only up to the sub-network's output tap.
-        logits, feats = model.apply(variables, images, train=False, stop=subnet.stop)
-        h, target = span_io(images, logits, feats, subnet)
-
-        def one(params, opt, masks):
-            loss, grads = jax.value_and_grad(loss_one)(params, masks, variables, h, target)
-            updates, opt = tx.update(grads, opt, params)
-            return optax.apply_updates(params, updates), opt, loss
-
-        return jax.vmap(one)(stacked, opt_state, cand_masks)
-
-    for i in range(steps):
-        stacked, opt_state, mse = step(stacked, opt_state, variables, next(batches)["image"])
+    def on_step(i, mse):
         if i == 0 or i + 1 == steps or (i + 1) % 100 == 0:
             log.info("[emo_pms] %s constraint step %d/%d: MSE per candidate %s", subnet.name,
                      i + 1, steps, np.round(np.asarray(mse), 5).tolist())
-    return stacked
 
-
-def impairments(net: Network, subnet, stacked_params: dict, cand_masks: dict,
-                images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Δ_s(p) [K]: mean validation CE of the full network with only sub-network s
-    replaced by candidate p (its masks and parameters), minus that of the unpruned
-    network on the same examples.
-
-    The unpruned network is evaluated as an extra candidate 0 of the same vmapped call
-    (one compilation), batches are padded to ``batch_size`` with zero weight, and the
-    unpruned prefix up to ``subnet.start`` is computed once per batch.
-    """
-    model, variables = net.model, net.variables
-    ones = {g: jnp.ones((c,), jnp.float32) for g, c in models.mask_groups(model).items()
-            if g not in subnet.groups}
-    base_params = {m: variables["params"][m] for m in subnet.modules}
-    base_masks = {g: jnp.ones((c,), jnp.float32) for g, c in subnet.groups.items()}
-    stacked = jax.tree.map(lambda b, c: jnp.concatenate([b[None], c]), base_params,
-                           stacked_params)
-    masks = jax.tree.map(lambda b, c: jnp.concatenate([b[None], c]), base_masks, cand_masks)
-
-    @jax.jit
-    def batch_ce(variables, stacked, masks, x, y, w):
-        h = x if subnet.start is None else model.apply(
-            variables, x, stop=subnet.start)[1][subnet.start]
-
-        def one(params, m):
-            logits = apply_span(model, with_params(variables, params), h, {**ones, **m},
-                                subnet.start, None)
-            return jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-        return jax.vmap(one)(stacked, masks)
-
-    total = np.zeros(1 + len(next(iter(cand_masks.values()))))
-    for i in range(0, len(labels), batch_size):
-        x, y = images[i:i + batch_size], labels[i:i + batch_size]
-        pad = batch_size - len(y)
-        w = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
-        x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
-        y = np.concatenate([y, np.repeat(y[:1], pad)])
-        total += np.asarray(batch_ce(variables, stacked, masks, x, y, w), np.float64)
-    mean = total / len(labels)
-    return mean[1:] - mean[0]
+    return emo_lib.constraint_train(net.model, net.variables, subnet, cand_masks, batches,
+                                    steps, lr, on_step)
 
 
 # --------------------------------------------------------------------------
@@ -492,7 +361,7 @@ def search_emo_pms(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
     logits, feats = full_fwd(net.variables, images)
     key = jax.random.PRNGKey(config.seed)
     mesh = population_mesh(emo)
-    searches, chosen_sets = {}, []
+    searches = {}
     for s_index, sub in enumerate(subnets):
         ratio_fn = functools.partial(split_lib.retained_ratio, net.table)
         evaluators = population_evaluators(emo, mesh, functools.partial(
@@ -517,8 +386,8 @@ def search_emo_pms(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
         trained = constraint_train(net, sub, cand_masks, train_batches(ctx, emo.batch_size,
                                                                        100 + s_index),
                                    emo.constraint_steps, emo.constraint_lr)
-        delta = impairments(net, sub, trained, cand_masks, val_images, val_labels,
-                            emo.eval_batch)
+        delta = emo_lib.impairments(net.model, net.variables, sub, trained, cand_masks,
+                                    val_images, val_labels, emo.eval_batch)
         log.info("[emo_pms] %s candidates: ratio %s, selector loss %s, impairment %s",
                  sub.name, np.round(search["objectives"][search["candidates"], 0], 3).tolist(),
                  np.round(search["objectives"][search["candidates"], 1], 4).tolist(),
@@ -633,15 +502,6 @@ def search_uniform(ctx, net: Network) -> tuple[dict, dict, dict]:
 # --------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_pareto(out_dir, name: str, search: dict) -> None:
     """pareto_<name>.json (final population, archived front, candidates, all evaluations)
     and .png."""
@@ -652,22 +512,7 @@ def write_pareto(out_dir, name: str, search: dict) -> None:
         "front_genomes": [np.flatnonzero(~g).tolist() for g in search["genomes"]],
         "candidates": np.asarray(search.get("candidates", [])).tolist(),
         "evaluated": search["evaluated"].tolist(), "reference": search["reference"]})
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ev = search["evaluated"]
-    ax.scatter(ev[:, 0], ev[:, 1], s=6, c="0.75", label="evaluated")
-    ax.scatter(final[:, 0], final[:, 1], s=14, c="tab:blue",
-               label="final population")
-    order = np.argsort(obj[:, 0])
-    ax.plot(obj[order, 0], obj[order, 1], "o-", c="tab:red", ms=5, label="archived front")
-    cand = np.asarray(search.get("candidates", []), int)
-    if len(cand):
-        ax.scatter(obj[cand, 0], obj[cand, 1], marker="x", s=60, c="k", label="candidates")
-    ax.set(xlabel="retained MACs ratio", ylabel="selector CE", title=f"Pareto front: {name}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    files.save_figure(fig, out_dir / f"pareto_{name}.png")
-    plt.close(fig)
+    reports.pareto_plot(out_dir / f"pareto_{name}.png", name, search)
 
 
 def write_hypervolume(out_dir, searches: dict) -> None:
@@ -675,15 +520,7 @@ def write_hypervolume(out_dir, searches: dict) -> None:
     files.save_json(out_dir / "hypervolume.json", {
         n: {"reference": s["reference"], "per_generation": s["hypervolume"]}
         for n, s in searches.items()})
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for n, s in searches.items():
-        ax.plot(range(len(s["hypervolume"])), s["hypervolume"], marker=".", label=n)
-    ax.set(xlabel="generation", ylabel="hypervolume", title="NSGA-II hypervolume")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    files.save_figure(fig, out_dir / "hypervolume.png")
-    plt.close(fig)
+    reports.hypervolume_plot(out_dir / "hypervolume.png", searches)
 
 
 def scheme(net: Network, masks: dict, small_model, input_shape) -> dict:

@@ -16,22 +16,11 @@ from __future__ import annotations
 
 import logging
 
-from kdjax import models
+from kdjax import models, reports
 from kdjax.pipelines import common
 from kdjax.train import files
 
 log = logging.getLogger("kdjax")
-
-
-def summary_table(results: dict) -> str:
-    """Markdown table of test top-1 (last and best epoch) for each trained stage."""
-    rows = ["| stage | model | test top-1 last | test top-1 best epoch |", "|---|---|---|---|"]
-    for stage, r in results.items():
-        last = r.get("test_top1_last")
-        best = r.get("test_top1_best_epoch")
-        fmt = lambda v: "—" if v is None else f"{v:.2f}"
-        rows.append(f"| {stage} | {r.get('model', '')} | {fmt(last)} | {fmt(best)} |")
-    return "\n".join(rows)
 
 
 def baseline_stages(ctx, student_name: str, optim_cfg, teacher, method, *,
@@ -49,30 +38,10 @@ def baseline_stages(ctx, student_name: str, optim_cfg, teacher, method, *,
     return results
 
 
-def comparison_table(results: dict, student: str, method: str, seed_noise: float) -> str:
-    """The demo's one table: teacher, student alone, distilled student (test top-1, last
-    epoch), their difference and — when ``seed_noise`` > 0 — the measured seed-to-seed
-    std of that difference, so one run's difference can be read against it."""
-    top1 = {stage: r.get("test_top1_last") for stage, r in results.items()}
-    teacher = results["teacher"]
-    rows = ["| | test top-1 (%) |", "|---|---|"]
-    if top1.get("teacher") is not None:
-        rows.append(f"| teacher {teacher.get('model', '')} | {top1['teacher']:.2f} |")
-    else:
-        rows.append(f"| teacher {teacher.get('model', '')} | loaded (step {teacher.get('step')}) |")
-    rows.append(f"| student {student} alone | {top1['student']:.2f} |")
-    rows.append(f"| student {student} + {method} | {top1[method]:.2f} |")
-    rows.append(f"| {method} − student | {top1[method] - top1['student']:+.2f} |")
-    if seed_noise > 0:
-        rows.append(f"| seed-to-seed std of KD − student, this protocol (3 seeds, BUILD_NOTES) | "
-                    f"{seed_noise:.2f} |")
-    return "\n".join(rows)
-
-
 def report(ctx, results: dict, table: str | None = None) -> None:
-    """Print one results table (default: every stage's, `summary_table`); write
+    """Print one results table (default: every stage's, `reports.stage_table`); write
     ``workdir/summary.json`` and ``summary.md``."""
-    table = summary_table(results) if table is None else table
+    table = reports.stage_table(results) if table is None else table
     files.save_json(ctx.workdir / "summary.json", results)
     files.write_text(ctx.workdir / "summary.md", table + "\n")
     print(f"{table}\n\nTables: {ctx.workdir / 'summary.md'}; per-epoch curves: "
@@ -90,7 +59,7 @@ def run(config, workdir) -> dict:
                                    from_scratch=config.kd.baseline))
     table = None
     if config.kd.baseline:
-        table = comparison_table(results, config.student.name, method.name,
+        table = reports.comparison_table(results, config.student.name, method.name,
                                  float(config.kd.seed_noise))
     report(ctx, results, table)
     return results

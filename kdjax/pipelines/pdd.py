@@ -6,7 +6,7 @@ Stages (each resumable, under ``workdir/<stage>/``):
               the "unpruned student with KD vs pruned" comparison (``pdd.kd_baseline``);
   masks     — stage 1: distillation (``config.distill``: PDD's KD by default, any
               ``kdjax.distill`` method) while learning one differentiable mask vector per
-              masked group (kdjax.models.learned_masks); the masks of the checkpoint with
+              masked group (kdjax.pruning.learned_masks); the masks of the checkpoint with
               the best VALIDATION accuracy are kept (never selected on the test split) —
               with no validation split (``data.validation_size = 0``, the paper presets)
               those of the LAST checkpoint; which one is logged and recorded
@@ -25,12 +25,12 @@ import logging
 
 import jax
 
-from kdjax import models
-from kdjax.models.learned_masks import LearnedMasks, binary_masks
+from kdjax import models, reports
 from kdjax.pipelines import common
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
 from kdjax.pruning import saliency
+from kdjax.pruning.learned_masks import LearnedMasks, binary_masks
 from kdjax.train import checkpoint as ckpt_lib
 from kdjax.train import files
 
@@ -80,14 +80,6 @@ def flops_penalty(target: float, weight: float):
     return penalty
 
 
-def widths_table(groups: dict[str, int], kept: dict[str, int]) -> str:
-    """Markdown table of kept channels per group."""
-    rows = ["| group | channels | kept | kept % |", "|---|---|---|---|"]
-    for g, c in groups.items():
-        rows.append(f"| {g} | {c} | {kept[g]} | {100.0 * kept[g] / c:.1f} |")
-    return "\n".join(rows)
-
-
 def reduction(pruned: dict, reference: dict) -> dict:
     """Percent of MACs and params removed relative to ``reference``."""
     return {
@@ -131,7 +123,7 @@ def run(config, workdir) -> dict:
     inner = {"params": best["params"]["model"], "batch_stats": best["batch_stats"]["model"]}
     small_model, small_vars = compact_lib.compact(student, inner, masks)
     kept = {g: int(round(float(masks[g].sum()))) for g in groups}
-    log.info("[pdd] widths found:\n%s", widths_table(groups, kept))
+    log.info("[pdd] widths found:\n%s", reports.widths_table(groups, kept))
     before = common.evaluate_model(ctx, small_model, small_vars)
     log.info("[pdd] compacted net before stage 2: %s", before)
     compaction = {"masks_checkpoint": selection, "fallback_groups": fallback,
@@ -149,8 +141,9 @@ def run(config, workdir) -> dict:
     summary = {**summarize(config, ctx, student, small_model, groups, kept, results),
                **compaction}
     files.save_json(ctx.workdir / "summary.json", summary)
-    files.write_text(ctx.workdir / "summary.md", summary_markdown(summary, groups, kept))
-    print(summary_markdown(summary, groups, kept), flush=True)
+    markdown = reports.pdd_markdown(summary, groups, kept)
+    files.write_text(ctx.workdir / "summary.md", markdown)
+    print(markdown, flush=True)
     return summary
 
 
@@ -187,32 +180,3 @@ def summarize(config, ctx, student, small_model, groups, kept, results) -> dict:
     if "kd" in results:
         summary["unpruned_kd_test_top1"] = results["kd"]["test_top1_last"]
     return summary
-
-
-def summary_markdown(summary: dict, groups, kept) -> str:
-    """README-friendly summary: accuracy, cost and reductions, widths table."""
-    red = summary["reduction_vs_unpruned_student"]
-    lines = [
-        f"## PDD: {summary['student']}",
-        "",
-        "| model | test top-1 | MACs | params |",
-        "|---|---|---|---|",
-    ]
-    if "unpruned_kd_test_top1" in summary:
-        lines.append(f"| unpruned student + KD | {summary['unpruned_kd_test_top1']:.2f} | "
-                     f"{summary['unpruned_cost']['macs'] / 1e6:.2f}M | "
-                     f"{summary['unpruned_cost']['params']:,} |")
-    lines.append(f"| pruned (PDD) | {summary['pruned_test_top1']:.2f} | "
-                 f"{summary['pruned_cost']['macs'] / 1e6:.2f}M | "
-                 f"{summary['pruned_cost']['params']:,} |")
-    before = summary["before_finetune"]
-    lines += ["", "Compacted net before stage 2: " + ", ".join(
-        f"{split} top-1 {r['top1']:.2f}" for split, r in before.items() if r) + "."]
-    lines += ["", f"MACs removed {red['macs_removed_pct']:.2f} %, params removed "
-              f"{red['params_removed_pct']:.2f} % (vs the unpruned student)."]
-    if "reduction_vs_standard_resnet20" in summary:
-        std = summary["reduction_vs_standard_resnet20"]
-        lines.append(f"Against the standard ResNet20: MACs removed {std['macs_removed_pct']:.2f} %, "
-                     f"params removed {std['params_removed_pct']:.2f} %.")
-    lines += ["", widths_table(groups, kept), ""]
-    return "\n".join(lines)

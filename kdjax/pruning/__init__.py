@@ -10,4 +10,8 @@ Pure functions of models, arrays and pytrees (no I/O), usable without the pipeli
             kept_indices
   saliency  taylor_scores, l1_scores, bn_scale_scores, normalize_scores, prune_to
   ste       pdd_mask (sign forward, ApproxSign backward)
+  learned_masks  LearnedMasks (a zoo model gated by learned STE masks, PDD),
+            binary_masks
+  split     EMO-PMS: sub-network split, genomes, costs per sub-network, GPIR
+  emo       EMO-PMS: feature selectors, constraint training, impairment
 """
