@@ -311,16 +311,6 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
     return jax.device_get(state), results, schedule
 
 
-def evaluate_model(ctx, model, variables) -> dict:
-    """Test (and, when the data has one, validation) top-1 of a plain zoo model."""
-    step = loop.compile_eval_step(make_eval_step(model, ctx.config.train.compute_dtype),
-                                  ctx.mesh)
-    splits = {"test": ctx.splits.test, "validation": ctx.splits.validation}
-    return {name: loop.evaluate(step, variables, source, ctx.config.data,
-                                ctx.config.train.eval_batch_size, ctx.mesh)["top1"]
-            for name, source in splits.items() if source is not None}
-
-
 def save_model(directory, spec: dict, variables: dict, config_dict: dict, step: int) -> None:
     """Write a model exported after ``step`` cascade steps as a kdjax checkpoint (loadable
     by ``load_variables`` and ``--config.teacher.checkpoint``); a re-run that finds this
@@ -346,13 +336,14 @@ def export_level(ctx, model, variables: dict, masks: dict, name: str, out_dir,
     small, small_vars = compact_lib.compact(model, variables, masks)
     cost = cost_lib.model_cost(small, ctx.input_shape)
     full = cost_lib.model_cost(model, ctx.input_shape)
-    scores = evaluate_model(ctx, small, small_vars)
+    scores = common.evaluate_model(ctx, small, small_vars)
     widths = masks_lib.count_kept(masks)
     spec = ckpt_lib.model_spec(zoo_name(model), ctx.num_classes, ctx.input_shape, widths)
     save_model(out_dir / name, spec, small_vars, ctx.config.to_dict(), step)
     row = {"name": name, "macs": cost["macs"], "params": cost["params"],
            "macs_ratio": cost["macs"] / full["macs"],
-           "test_top1": scores["test"], "validation_top1": scores.get("validation"),
+           "test_top1": scores["test"]["top1"],
+           "validation_top1": scores["validation"] and scores["validation"]["top1"],
            "widths": widths, "checkpoint": str(out_dir / name)}
     return row
 
@@ -447,7 +438,7 @@ def run_oneshot(ctx, model, variables, teacher_results: dict) -> tuple[list[dict
     cost = cost_lib.model_cost(small, ctx.input_shape)
     rows = [{"level": 0, "role": "teacher", "name": "teacher", "macs": full["macs"],
              "params": full["params"], "macs_ratio": 1.0, "target_macs_ratio": 1.0,
-             "test_top1": evaluate_model(ctx, model, variables)["test"],
+             "test_top1": common.evaluate_model(ctx, model, variables)["test"]["top1"],
              "checkpoint": teacher_results.get("checkpoint", str(ctx.workdir / "teacher"))},
             {"level": 1, "role": "student", "name": method, "macs": cost["macs"],
              "params": cost["params"], "macs_ratio": cost["macs"] / full["macs"],
