@@ -87,7 +87,8 @@ def emo_section(**overrides) -> ml_collections.ConfigDict:
         finetune_kd=False,         # fine-tune distilling from the unpruned network
                                    # (config.distill: KD 0.1·CE + 0.9·KD, T = 4)
         round_to=1,                # kept widths rounded down to multiples (8/16 CPU, 128 TPU)
-        population_eval="vmap",    # loop | vmap | map (lax.map chunks) | auto (timed each)
+        population_eval="backend",  # backend (CPU: loop, else vmap) | loop | vmap |
+                                    # map (lax.map chunks) | auto (each timed, fastest used)
         population_chunk=0,        # map: candidates per chunk (0 = one at a time)
         population_devices=1,      # devices the candidates are split over (0 = all)
     )

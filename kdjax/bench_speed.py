@@ -83,8 +83,8 @@ def population_problem(model_name: str, population: int, eval_batch: int, args):
 
     from kdjax import models
     from kdjax.evolution import nsga2
-    from kdjax.pipelines import common, emo_pms
-    from kdjax.pruning import cost, split
+    from kdjax.pipelines import common
+    from kdjax.pruning import channel_search, cost, split
 
     shape = tuple(args.image)
     model = models.get_model(model_name, args.classes)
@@ -100,7 +100,7 @@ def population_problem(model_name: str, population: int, eval_batch: int, args):
                 "b": jnp.zeros(args.classes)}
     genomes = nsga2.initial_population(key, population, len(split.layout(sub.groups)),
                                        (0.3, 1.0))
-    build = functools.partial(emo_pms.make_evaluator, model, sub.groups,
+    build = functools.partial(channel_search.population_fitness, model, sub.groups,
                               functools.partial(split.retained_ratio, table), sub.start,
                               sub.stop, models.mask_groups(model))
     return build, genomes, (variables, selector, h, labels)

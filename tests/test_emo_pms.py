@@ -14,6 +14,7 @@ import pytest
 
 from kdjax import config_lib, models
 from kdjax.pipelines import common, emo_pms
+from kdjax.pruning import channel_search
 from kdjax.pruning import cost as cost_lib
 from kdjax.pruning import emo as emo_lib
 from kdjax.pruning import saliency
@@ -143,8 +144,8 @@ def test_population_evaluation_equals_single_evaluations():
     sub = split_lib.split(net.model, ("stage1", "stage2", "stage3"), SHAPE)[1]
     groups = sub.groups
     ratio_fn = lambda m: split_lib.retained_ratio(net.table, m)
-    evaluate = emo_pms.make_evaluator(net.model, groups, ratio_fn, sub.start, sub.stop,
-                                      models.mask_groups(net.model))
+    evaluate = channel_search.population_fitness(net.model, groups, ratio_fn, sub.start,
+                                                 sub.stop, models.mask_groups(net.model))
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(8, *SHAPE)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 10, 8))
@@ -219,6 +220,7 @@ def spy(monkeypatch, module, name, calls):
     monkeypatch.setattr(module, name, wrapper)
 
 
+@pytest.mark.slow  # heavy end to end; the default run keeps a lighter one
 def test_end_to_end_synthetic(tmp_path, monkeypatch):
     """Two sub-networks: input→stage2 (selector head) and stage2→logits (the net's head),
     no validation split (the search holds out 64 training examples). Fine-tuning starts

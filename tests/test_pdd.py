@@ -123,6 +123,7 @@ def test_resnet20_pdd_widening_matches_the_paper_increment():
     assert abs((wide["params"] - base["params"]) / 1e6 - 0.069) < 0.001
 
 
+@pytest.mark.slow  # heavy end to end; the default run keeps a lighter one
 def test_pdd_two_steps_through_both_stages(tmp_path):
     config = config_lib.synthetic(load_config("pdd"), steps=2)
     config.teacher.name, config.student.name = "resnet8", "resnet8"

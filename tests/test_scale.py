@@ -308,3 +308,20 @@ def test_cascaded_imagenet_preset_first_steps(tmp_path):
     config.train.compute_dtype = "bfloat16"  # the joint cascade step in bf16 as well
     run_on_mock_imagenet(config, tmp_path)
     assert (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_cross_layer_imagenet64_preset_first_steps(tmp_path):
+    """The ImageNet-64 preset's whole pipeline (two mobilenet16 teachers, Gram stage,
+    ensemble stage) on mock ``imagenet_resized/64x64``, whose test split is TFDS's
+    ``validation``."""
+    config = imagenet_smoke("cross_layer", "imagenet64_mobilenet")
+    assert (config.data.name, config.data.test_split) == ("imagenet_resized/64x64",
+                                                           "validation")
+    assert config.teachers == ("mobilenet16@0", "mobilenet16@1")
+    run_on_mock_imagenet(config, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"teacher_0", "teacher_1", "ensemble", "stage1", "stage2"} <= set(summary)
+    for stage in ("teacher_0", "teacher_1", "stage1", "stage2"):
+        saved = json.loads((tmp_path / stage / "results.json").read_text())
+        assert saved["steps"] == 2, stage

@@ -10,10 +10,10 @@ import pytest
 
 from kdjax import models
 from kdjax.models import conv_grad
-from kdjax.pipelines import emo_pms
-from kdjax.pruning import cascade, cost, saliency, split
+from kdjax.evolution import population
+from kdjax.pruning import cascade, channel_search, cost, saliency, split
 from kdjax.pruning import masks as masks_lib
-from kdjax.train import population, sharding
+from kdjax.train import sharding
 
 SHAPE = (32, 32, 3)
 MODEL = models.get_model("resnet20", 10)
@@ -133,7 +133,7 @@ def subnet_problem(num_candidates=5):
 
     net = tiny_network()
     sub = split.split(net.model, ("stage1", "stage2", "stage3"), SHAPE)[1]
-    build = functools.partial(emo_pms.make_evaluator, net.model, sub.groups,
+    build = functools.partial(channel_search.population_fitness, net.model, sub.groups,
                               lambda m: split.retained_ratio(net.table, m), sub.start,
                               sub.stop, models.mask_groups(net.model))
     rng = np.random.default_rng(3)
@@ -180,6 +180,15 @@ def test_fastest_picks_a_strategy_and_rejects_unknown():
     assert population.fastest(fns, (jnp.ones((4, 3)), 2.0), repeats=1) in population.STRATEGIES
     with pytest.raises(ValueError, match="population evaluation"):
         population.check_strategy("scan")
+
+
+def test_backend_choice_is_the_measured_strategy():
+    assert population.candidate_strategies("backend", "cpu") == ("loop",)
+    assert population.candidate_strategies("backend", "tpu") == ("vmap",)
+    assert population.candidate_strategies("auto") == population.STRATEGIES
+    assert population.candidate_strategies("map") == ("map",)
+    with pytest.raises(ValueError, match="valid: backend, auto, loop"):
+        population.candidate_strategies("fast")
 
 
 # --- matmul kernel-gradient convolution -------------------------------------------

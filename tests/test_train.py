@@ -134,6 +134,7 @@ def checkpoint_mtimes(stage_dir):
             for d in (ckpt_lib.LAST_DIR, ckpt_lib.BEST_DIR) for p in (stage_dir / d).iterdir()}
 
 
+@pytest.mark.slow  # heavy end to end; the default run keeps a lighter one
 def test_kd_end_to_end_and_teacher_reuse(tmp_path):
     config = config_lib.synthetic(load_config("kd"), steps=2)
     config.teacher.name, config.student.name = "resnet14", "resnet8"

@@ -36,9 +36,9 @@ Writes pareto_<subnet>.json/.png, hypervolume.json/.png, scheme.json, results.js
 
 The math lives in the core: the split, genomes, costs and GPIR in kdjax.pruning.split;
 selectors, constraint training and impairment in kdjax.pruning.emo; NSGA-II in
-kdjax.evolution; the plots in kdjax.reports. This module orchestrates them, writes the
-files and logs; the population evaluator (``make_evaluator``, ``nsga2_search``) is the one
-piece still here.
+kdjax.evolution; the population fitness and the search loop in
+kdjax.pruning.channel_search; the plots in kdjax.reports. This module orchestrates them,
+writes the files and logs.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ import numpy as np
 
 from kdjax import losses, models, reports
 from kdjax.data import Splits, load_splits, pipeline as data_pipeline, split_indices
-from kdjax.evolution import nsga2
+from kdjax.evolution import population
 from kdjax.pipelines import common
+from kdjax.pruning import channel_search
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
 from kdjax.pruning import emo as emo_lib
@@ -64,13 +65,11 @@ from kdjax.pruning import masks as masks_lib
 from kdjax.pruning import saliency
 from kdjax.pruning import split as split_lib
 from kdjax.pruning.emo import apply_span, selector_loss, span_io, take, with_params
-from kdjax.train import files, population, sharding
+from kdjax.train import files, sharding
 
 log = logging.getLogger("kdjax")
 
 METHODS = ("emo_pms", "uniform", "l1", "taylor", "whole_nsga2")
-CROSSOVERS = {"uniform": nsga2.uniform_crossover, "one_point": nsga2.one_point_crossover}
-BAD_LOSS = 1e6  # stands in for a diverged (non-finite) fitness
 
 
 class Network(NamedTuple):
@@ -193,33 +192,11 @@ def train_selectors(net: Network, subnets, batches, steps: int, lr: float,
 # --------------------------------------------------------------------------
 
 
-def make_evaluator(model, groups: dict, ratio_fn, start, stop, all_groups: dict,
-                   strategy: str = "vmap", chunk: int = 0, mesh=None):
-    """Vectorised fitness ``evaluate(genomes [P, G], variables, selector, h, labels) -> [P, 2]``.
-
-    Candidate i: masks = genome_to_masks(genomes[i]) on ``groups``, ones elsewhere;
-    objectives = (ratio_fn(masks), CE of the selector on the span's output
-    from input h [B, ...]), non-finite losses replaced by BAD_LOSS. The candidates are
-    evaluated by ``strategy`` ("loop" | "vmap" | "map" in chunks of ``chunk``) and split
-    over ``mesh``'s devices (kdjax.train.population).
-    """
-    ones = {g: jnp.ones((c,), jnp.float32) for g, c in all_groups.items() if g not in groups}
-
-    def one(genome, variables, selector, h, labels):
-        sub = split_lib.genome_to_masks(genome, groups)
-        out = apply_span(model, variables, h, {**ones, **sub}, start, stop)
-        loss = selector_loss(selector, out, labels)
-        loss = jnp.where(jnp.isfinite(loss), loss, BAD_LOSS)
-        return jnp.stack([ratio_fn(sub), loss])
-
-    return population.sharded(population.batched(one, strategy, chunk), mesh)
-
-
 def population_evaluators(emo, mesh, build) -> dict:
-    """{strategy: evaluator} for ``emo.population_eval`` (all three for "auto", timed by
-    ``nsga2_search`` at the first generation); build(strategy, chunk, mesh) -> evaluator."""
-    choice = population.check_strategy(emo.population_eval)
-    names = population.STRATEGIES if choice == "auto" else (choice,)
+    """{strategy: evaluator} for ``emo.population_eval`` (population.candidate_strategies:
+    all three for "auto", timed by the search on its initial population; the backend's
+    measured choice for "backend"); build(strategy, chunk, mesh) -> evaluator."""
+    names = population.candidate_strategies(emo.population_eval)
     return {n: build(n, emo.population_chunk, mesh) for n in names}
 
 
@@ -230,88 +207,28 @@ def population_mesh(emo):
     return mesh if mesh.size > 1 else None
 
 
-_generation = jax.jit(nsga2.generation,
-                      static_argnames=("evaluate_fn", "num_groups", "crossover_fn"))
+def search_settings(emo, generations: int) -> channel_search.SearchSettings:
+    return channel_search.SearchSettings(
+        population=emo.population, generations=generations,
+        init_keep_range=tuple(emo.init_keep_range), crossover=emo.crossover,
+        crossover_prob=float(emo.crossover_prob), mutation_rate=float(emo.mutation_rate))
 
 
-def archived(archive) -> tuple[np.ndarray, np.ndarray]:
-    """(genomes [A', G], objectives [A', 2]) of the valid archive rows."""
-    genomes, objectives, valid = (np.asarray(a) for a in archive)
-    return genomes[valid], objectives[valid]
-
-
-def nsga2_search(key, evaluators: dict, eval_args: tuple, groups: dict, emo, *,
-                 generations: int, label: str, target_ratio: float, mesh=None) -> dict:
-    """NSGA-II over the channel bits of ``groups``, with an external archive of every
-    non-dominated candidate evaluated (nsga2.archive_update, capacity = all evaluations,
-    so nothing is dropped); logs one line per generation.
-
-    evaluators: {strategy: evaluate} (``population_evaluators``); with more than one,
-    each is timed on the initial population and the fastest is used. mesh: where the
-    population and ``eval_args`` are placed (replicated), None = the first device.
-
-    Returns {'genomes' [A, G], 'objectives' [A, 2] (the archive: the non-dominated
-    candidates of the whole search), 'population' [P, 2] (final population objectives),
-    'hypervolume' [generations + 1] (of the archive: never decreasing), 'reference' [2],
-    'evaluated' [(1 + generations)·P, 2], 'evaluations', 'seconds', 'population_eval'}.
-    The hypervolume reference is fixed from the initial population
-    (split.reference_point: (1.05, 1.1 · max initial loss)).
-    """
-    group_index = jnp.asarray(split_lib.layout(groups))
-    num_genes = int(group_index.shape[0])
-    k_init, key = jax.random.split(key)
-    genomes = nsga2.initial_population(k_init, emo.population, num_genes,
-                                       tuple(emo.init_keep_range))
-    # Committed like the evaluation data, so that the jitted generation sees the same
-    # input placement every call (no recompilation after generation 1).
-    place = ((lambda x: jax.device_put(x, jax.devices()[0])) if mesh is None
-             else (lambda x: sharding.replicate(x, mesh)))
-    genomes = place(nsga2.repair(genomes, group_index, len(groups)))
-    eval_args = place(eval_args)
-    name = (next(iter(evaluators)) if len(evaluators) == 1
-            else population.fastest(evaluators, (genomes, *eval_args)))
-    evaluate = evaluators[name]
-    evaluate_jit = jax.jit(evaluate)
-    t0 = time.perf_counter()
-    objectives = evaluate_jit(genomes, *eval_args)
-    evaluated = [np.asarray(objectives)]
-    reference = split_lib.reference_point(evaluated[0])
-    archive = nsga2.archive_update(
-        *nsga2.archive_init(emo.population * (generations + 1), num_genes, 2),
-        genomes, objectives)
-    history = [float(nsga2.hypervolume_2d(archived(archive)[1], reference))]
-    log.info("[emo_pms] %s: %d genes, %d groups, population %d, initial hv %.4f "
-             "(reference %s, first call incl. compile %.1fs)", label, num_genes, len(groups),
-             emo.population, history[0], np.round(reference, 4).tolist(),
-             time.perf_counter() - t0)
-    rate = float(emo.mutation_rate) if emo.mutation_rate > 0 else 1.0 / num_genes
-    seconds = 0.0
-    for gen in range(1, generations + 1):
-        key, k_gen = jax.random.split(key)
-        t0 = time.perf_counter()
-        genomes, objectives, archive = _generation(
-            k_gen, genomes, objectives, evaluate, eval_args=eval_args,
-            group_index=group_index, num_groups=len(groups),
-            crossover_fn=CROSSOVERS[emo.crossover], crossover_prob=float(emo.crossover_prob),
-            mutation_rate=rate, archive=archive)
-        objectives.block_until_ready()
-        elapsed = time.perf_counter() - t0
-        seconds += elapsed
-        evaluated.append(np.asarray(objectives))
-        obj = archived(archive)[1]
-        history.append(float(nsga2.hypervolume_2d(obj, reference)))
+def search_logger(label: str, target_ratio: float):
+    """A ``channel_search.nsga2_search`` report callback: one log line per generation."""
+    def report(info):
+        if info["generation"] == 0:
+            log.info("[emo_pms] %s: %d genes, initial hv %.4f (reference %s, first call "
+                     "incl. compile %.1fs)", label, info["num_genes"], info["hypervolume"],
+                     np.round(info["reference"], 4).tolist(), info["seconds"])
+            return
+        obj = info["objectives"]
         ok = obj[:, 0] <= target_ratio
         best = f"{obj[ok, 1].min():.4f}" if ok.any() else "none"
-        log.info("[emo_pms] %s gen %d/%d: hv %.4f, best loss at ratio <= %.2f: %s, "
-                 "%.1f evals/s", label, gen, generations, history[-1], target_ratio, best,
-                 emo.population / elapsed)
-    front_genomes, front = archived(archive)
-    return {"genomes": front_genomes, "objectives": front,
-            "population": np.asarray(objectives), "hypervolume": history,
-            "reference": reference.tolist(),
-            "evaluated": np.concatenate(evaluated),
-            "evaluations": emo.population * (generations + 1), "seconds": seconds,
-            "population_eval": name}
+        log.info("[emo_pms] %s gen %d: hv %.4f, best loss at ratio <= %.2f: %s, %.1f evals/s",
+                 label, info["generation"], info["hypervolume"], target_ratio, best,
+                 info["evals_per_s"])
+    return report
 
 
 def pareto_candidates(search: dict, k: int) -> np.ndarray:
@@ -365,12 +282,14 @@ def search_emo_pms(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
     for s_index, sub in enumerate(subnets):
         ratio_fn = functools.partial(split_lib.retained_ratio, net.table)
         evaluators = population_evaluators(emo, mesh, functools.partial(
-            make_evaluator, model, sub.groups, ratio_fn, sub.start, sub.stop, all_groups))
+            channel_search.population_fitness, model, sub.groups, ratio_fn, sub.start,
+            sub.stop, all_groups))
         h, _ = span_io(images, logits, feats, sub)
-        search = nsga2_search(jax.random.fold_in(key, s_index), evaluators,
-                              (net.variables, selectors[sub.name], h, labels), sub.groups,
-                              emo, generations=emo.generations, label=sub.name,
-                              target_ratio=config.target_flops_ratio, mesh=mesh)
+        search = channel_search.nsga2_search(
+            jax.random.fold_in(key, s_index), evaluators,
+            (net.variables, selectors[sub.name], h, labels), sub.groups,
+            search_settings(emo, emo.generations), mesh=mesh,
+            report=search_logger(sub.name, config.target_flops_ratio))
         picks = pareto_candidates(search, emo.candidates_per_subnet)
         search["candidates"] = picks
         searches[sub.name] = search
@@ -440,11 +359,11 @@ def search_whole_nsga2(ctx, net: Network, out_dir) -> tuple[dict, dict, dict]:
     ratio_fn = lambda masks: split_lib.macs(net.table, masks) / net.macs
     mesh = population_mesh(emo)
     evaluators = population_evaluators(emo, mesh, functools.partial(
-        make_evaluator, model, groups, ratio_fn, None, None, groups))
-    search = nsga2_search(jax.random.PRNGKey(config.seed), evaluators,
-                          (net.variables, None, images, labels), groups, emo,
-                          generations=generations, label="whole",
-                          target_ratio=target, mesh=mesh)
+        channel_search.population_fitness, model, groups, ratio_fn, None, None, groups))
+    search = channel_search.nsga2_search(
+        jax.random.PRNGKey(config.seed), evaluators, (net.variables, None, images, labels),
+        groups, search_settings(emo, generations), mesh=mesh,
+        report=search_logger("whole", target))
     obj = search["objectives"]
     exact = [cost_lib.model_cost(model, ctx.input_shape,
                                  split_lib.genome_to_masks(jnp.asarray(g), groups))["macs"]
@@ -548,7 +467,7 @@ def prepare(ctx) -> tuple[Network, dict]:
         raise ValueError(f"target_flops_ratio must be in (0, 1], got {ratio}")
     model, variables, teacher_results = common.obtain_teacher(ctx)
     # The search's data sit on one device unless emo.population_devices > 1 (then
-    # nsga2_search replicates them); the trainer's replicated copies would otherwise clash.
+    # the search replicates them); the trainer's replicated copies would otherwise clash.
     variables = jax.device_put(variables, jax.devices()[0])
     table = cost_lib.cost_table(model, tuple(ctx.input_shape))
     macs = float(cost_lib.counts_cost(table, dict(table.widths))["macs"])
@@ -563,8 +482,8 @@ def run(config, workdir) -> dict:
         raise ValueError(f"unknown emo.method {emo.method!r}; valid: {', '.join(METHODS)}")
     saliency.check_round_to(emo.round_to)
     population.check_strategy(emo.population_eval)
-    if emo.crossover not in CROSSOVERS:
-        raise ValueError(f"unknown emo.crossover {emo.crossover!r}; valid: {sorted(CROSSOVERS)}")
+    if emo.crossover not in channel_search.CROSSOVERS:
+        raise ValueError(f"unknown emo.crossover {emo.crossover!r}; valid: {sorted(channel_search.CROSSOVERS)}")
     ctx = common.setup(config, workdir)
     if emo.finetune_kd:  # a bad distill method or tap fails before the search
         unpruned = models.get_model(config.teacher.name, ctx.num_classes)

@@ -29,19 +29,35 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from kdjax.train import sharding
-
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("loop", "vmap", "map")
+# "backend": the strategy measured fastest per JAX backend. CPU: "loop" (resnet56 stage-2
+# fitness, P = 20, batch 256, 2-core EPYC: loop 5.4, vmap 2.4, map-by-8 2.2 evaluations/s;
+# BUILD_NOTES "Speed side by side"). Accelerators: "vmap" (one batched program; not
+# measured here).
+BACKEND_STRATEGY = {"cpu": "loop"}
+CHOICES = ("backend", "auto") + STRATEGIES
 
 
 def check_strategy(strategy: str, allow_auto: bool = True) -> str:
     """``strategy`` if valid, else a ValueError naming the choices."""
-    valid = (("auto",) if allow_auto else ()) + STRATEGIES
+    valid = CHOICES if allow_auto else STRATEGIES
     if strategy not in valid:
         raise ValueError(f"unknown population evaluation {strategy!r}; valid: {', '.join(valid)}")
     return strategy
+
+
+def candidate_strategies(choice: str, backend: str | None = None) -> tuple[str, ...]:
+    """The strategies a search builds for ``choice``: all of them for "auto" (timed by
+    ``fastest``), ``BACKEND_STRATEGY[backend]`` (default "vmap") for "backend", else
+    ``(choice,)``. backend: a JAX backend name; None = ``jax.default_backend()``."""
+    check_strategy(choice)
+    if choice == "auto":
+        return STRATEGIES
+    if choice == "backend":
+        return (BACKEND_STRATEGY.get(backend or jax.default_backend(), "vmap"),)
+    return (choice,)
 
 
 def batched(fn: Callable, strategy: str, chunk: int = 0) -> Callable:
@@ -61,12 +77,12 @@ def batched(fn: Callable, strategy: str, chunk: int = 0) -> Callable:
 
 
 def sharded(evaluate: Callable, mesh: Mesh | None) -> Callable:
-    """``evaluate`` with its population split over ``mesh``'s data axis (module
+    """``evaluate`` with its population split over ``mesh``'s first axis (module
     docstring); unchanged for no mesh or a one-device mesh. The caller places the
     shared arguments (and the population) replicated on the mesh."""
     if mesh is None or mesh.size == 1:
         return evaluate
-    data = PartitionSpec(sharding.DATA_AXIS)
+    data = PartitionSpec(mesh.axis_names[0])
 
     def split(xs, *shared):
         size = xs.shape[0]
