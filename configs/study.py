@@ -5,7 +5,9 @@ over seeds (``python -m kdjax.study``; protocol and why: BUILD_NOTES "Evidence p
     python -m kdjax.study --config=configs/study.py:quick --workdir=/tmp/study   # KD vs student
 
 Rerunning the same command continues where it stopped; results: DIR/study.md and
-DIR/<comparison>.png. Fewer seeds: ``--config.seeds="(0,1)"``.
+DIR/<comparison>.png. Fewer seeds: ``--config.seeds="(0,1)"``; train some comparisons
+first: ``--config.only="('distillation','cascaded')"`` (the others are still reported from
+their finished runs).
 
 The protocol (Fashion-MNIST, 2,000 training examples, no augmentation, batch 64; resnet20
 teacher trained 30 epochs once with seed 0 and shared; resnet8 student, 20 epochs) is applied to every run by
@@ -169,6 +171,9 @@ def cross_layer():
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seeds = (0, 1, 2)
+    # Comparisons to train now (e.g. --config.only="('cascaded',)"); the others are still
+    # reported from whatever runs of theirs have finished. () = all.
+    config.only = ()
     config.overrides = PROTOCOL
     config.teacher = ml_collections.ConfigDict(dict(
         config="configs/supervised.py:demo", seed=0, stage="model",

@@ -112,6 +112,7 @@ class Run:
     best: str = ""
     macs: str = ""
     skipped: str = ""           # reason, "" = runs
+    report_only: bool = False   # outside ``study.only``: reported if finished, never trained
 
     @property
     def label(self) -> str:
@@ -206,6 +207,10 @@ def build_runs(study, workdir: pathlib.Path) -> tuple[Run, list[Run]]:
     names = [c.name for c in study.comparisons]
     if len(set(names)) != len(names):
         raise ValueError(f"comparison names must be unique: {names}")
+    only = tuple(study.get("only", ()))
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ValueError(f"study.only names unknown comparisons {unknown}; valid: {names}")
     for seed in seeds:
         for comp in study.comparisons:
             variant_names = [v.name for v in comp.variants]
@@ -216,8 +221,10 @@ def build_runs(study, workdir: pathlib.Path) -> tuple[Run, list[Run]]:
                 raise ValueError(f"comparison {comp.name!r}: kind {comp.kind!r}; valid: "
                                  f"distill, pruning")
             for var in comp.variants:
-                runs.append(resolve_variant(study, comp, var, seed, workdir, checkpoint,
-                                            teacher_name))
+                run = resolve_variant(study, comp, var, seed, workdir, checkpoint,
+                                      teacher_name)
+                run.report_only = bool(only) and comp.name not in only
+                runs.append(run)
     return teacher, runs
 
 
@@ -322,7 +329,7 @@ def run_all(teacher: Run, runs: list[Run], on_result=None) -> tuple[dict, list[s
     table: dict[tuple[str, str], dict[int, dict]] = {}
     failures = []
     for run in runs:
-        if run.skipped:
+        if run.skipped or (run.report_only and not (run.dir / RESULT_FILE).exists()):
             continue
         try:
             table.setdefault((run.comparison, run.variant), {})[run.seed] = extract(

@@ -267,6 +267,37 @@ def test_failed_run_is_reported_and_the_study_goes_on(tmp_path, monkeypatch):
     assert "cmp/kd/seed1: \"result path 'nope.test_top1_last': no 'nope'" in text
 
 
+def two_comparison_study(only):
+    """lr_study with a second comparison "other" (a copy with another budget)."""
+    config = lr_study()
+    other = ml_collections.ConfigDict(config.comparisons[0].to_dict())
+    other.name = "other"
+    other.overrides = tuple(other.overrides) + (("optim.epochs", 3),)  # not shared with cmp
+    config.comparisons = (config.comparisons[0], other)
+    config.only = only
+    return config
+
+
+def test_only_trains_the_named_comparisons_and_reports_the_finished_rest(tmp_path,
+                                                                         monkeypatch):
+    started = []
+    fake_pipelines(monkeypatch, started)
+    text = study.study(two_comparison_study(("other",)), tmp_path)
+    assert started == [str(tmp_path / "teacher")] + [
+        str(tmp_path / f"other/{v}/seed{s}") for s in (0, 1) for v in ("student", "kd")]
+    rows = [line for line in text.splitlines() if line.startswith("| kd |")]
+    assert rows[0].startswith("| kd | 0 |") and rows[1].startswith("| kd | 2 |")
+    # Now train "cmp": "other" is not trained again but still reported.
+    started.clear()
+    text = study.study(two_comparison_study(("cmp",)), tmp_path)
+    assert started == [str(tmp_path / f"cmp/{v}/seed{s}") for s in (0, 1)
+                       for v in ("student", "kd")]
+    assert [line[:10] for line in text.splitlines() if line.startswith("| kd |")] == \
+        ["| kd | 2 |"] * 2
+    with pytest.raises(ValueError, match=r"unknown comparisons \['nope'\]; valid: \['cmp', "):
+        study.build_runs(two_comparison_study(("nope",)), tmp_path)
+
+
 @pytest.mark.slow
 def test_runner_end_to_end_on_synthetic_data(tmp_path):
     """The real pipelines (1-step runs): teacher once, then 2 seeds × 2 variants."""
