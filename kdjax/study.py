@@ -36,6 +36,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
@@ -113,6 +114,7 @@ class Run:
     macs: str = ""
     skipped: str = ""           # reason, "" = runs
     report_only: bool = False   # outside ``study.only``: reported if finished, never trained
+    images_per_step: int = 0    # distill comparisons: the stage's batch size (for img/s)
 
     @property
     def label(self) -> str:
@@ -258,6 +260,7 @@ def resolve_variant(study, comp, var, seed: int, workdir: pathlib.Path,
     config.lock()
     check_distill_method(config, where)
     run.config = config
+    run.images_per_step = int(config.optim.batch_size) if comp.kind == "distill" else 0
     return run
 
 
@@ -310,12 +313,30 @@ def execute(run: Run) -> dict:
     return {"results": results}
 
 
+def train_images_per_second(metrics_path: pathlib.Path, images_per_step: int) -> float | None:
+    """Median over consecutive logged train records of images_per_step · Δstep / Δtime, from
+    a stage's ``metrics.jsonl`` (intervals holding an evaluation, compilation or a resume
+    are the outliers the median ignores); None with fewer than two train records."""
+    if not metrics_path.exists():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["step"], r["time"]) for r in records if r.get("split") == "train"]
+    rates = [images_per_step * (s1 - s0) / (t1 - t0)
+             for (s0, t0), (s1, t1) in zip(train, train[1:]) if s1 > s0 and t1 > t0]
+    return statistics.median(rates) if rates else None
+
+
 def extract(run: Run, stored: dict) -> dict:
-    """{top1, best, macs} of one finished cell (best/macs None when not asked for)."""
+    """{top1, best, macs, img_s} of one finished cell (best/macs None when not asked for;
+    img_s, the stage's training images/s, only for distill comparisons)."""
     results = stored["results"]
+    stage = run.result.split(".", 1)[0]
     return {"top1": float(lookup(results, run.result)),
             "best": float(lookup(results, run.best)) if run.best else None,
-            "macs": float(lookup(results, run.macs)) if run.macs else None}
+            "macs": float(lookup(results, run.macs)) if run.macs else None,
+            "img_s": (train_images_per_second(run.dir / stage / "metrics.jsonl",
+                                              run.images_per_step)
+                      if run.images_per_step else None)}
 
 
 def run_all(teacher: Run, runs: list[Run], on_result=None) -> tuple[dict, list[str]]:
@@ -371,8 +392,10 @@ def comparison_rows(comp, table: dict) -> list[dict]:
         top1 = {s: c["top1"] for s, c in cells.items()}
         best = {s: c["best"] for s, c in cells.items() if c["best"] is not None}
         macs = [c["macs"] for c in cells.values() if c["macs"] is not None]
+        img_s = [c["img_s"] for c in cells.values() if c.get("img_s") is not None]
         rows.append({
             "name": var.name, "n": len(top1), "top1": top1, "best": best, "macs": macs,
+            "img_s": img_s,
             "diff": paired_differences(top1, {s: c["top1"] for s, c in base.items()}),
             "diff_best": paired_differences(
                 best, {s: c["best"] for s, c in base.items() if c["best"] is not None}),
@@ -387,9 +410,14 @@ def comparison_markdown(comp, rows: list[dict], skipped: dict[str, str], plot: s
              f"Δ last vs {comp.baseline} [95 % CI] | Δ best vs {comp.baseline} [95 % CI] | "
              f"MACs (M) | per seed (last) |",
              "|---|---|---|---|---|---|---|---|"]
+    speed = comp.kind == "distill"   # + the training speed of each variant's stage
+    if speed:
+        lines[-2] += " train img/s (median over seeds) |"
+        lines[-1] += "---|"
     for r in rows:
         if r["name"] in skipped:
-            lines.append(f"| {r['name']} | 0 | skipped: {skipped[r['name']]} | | | | | |")
+            lines.append(f"| {r['name']} | 0 | skipped: {skipped[r['name']]} | | | | | |"
+                         + (" |" if speed else ""))
             continue
         is_base = r["name"] == comp.baseline
         macs = f"{sum(r['macs']) / len(r['macs']) / 1e6:.2f}" if r["macs"] else "—"
@@ -398,7 +426,9 @@ def comparison_markdown(comp, rows: list[dict], skipped: dict[str, str], plot: s
             f"| {r['name']} | {r['n']} | {fmt_mean_std(list(r['top1'].values()))} | "
             f"{fmt_mean_std(list(r['best'].values()))} | "
             f"{'baseline' if is_base else fmt_interval(r['diff'])} | "
-            f"{'baseline' if is_base else fmt_interval(r['diff_best'])} | {macs} | {per_seed} |")
+            f"{'baseline' if is_base else fmt_interval(r['diff_best'])} | {macs} | {per_seed} |"
+            + (f" {statistics.median(r['img_s']):.0f} |" if speed and r["img_s"] else
+               " — |" if speed else ""))
     if plot:
         lines += ["", f"![{comp.name}]({plot})"]
     return "\n".join(lines) + "\n"

@@ -249,7 +249,7 @@ def test_runner_resumes_and_reports(tmp_path, monkeypatch):
         f"{np.mean(student) + 1:.2f} ± {np.std(student, ddof=1):.2f} | baseline | baseline |")
     ci = f"{diffs.mean():+.2f} [{diffs.mean() - half:+.2f}, {diffs.mean() + half:+.2f}]"
     assert f"| {ci} | {ci} |" in rows["kd"]
-    assert rows["kd"].endswith("| 81.00, 83.50 |")
+    assert rows["kd"].endswith("| 81.00, 83.50 | — |")  # the fakes log no train records
     assert "teacher (configs/supervised.py:demo, seed 0, shared by every run): test top-1 90.00" \
         in text
     assert "## cmp" in text and "![cmp](cmp.png)" in text
@@ -265,6 +265,20 @@ def test_failed_run_is_reported_and_the_study_goes_on(tmp_path, monkeypatch):
     assert len(started) == 5
     assert "## Failed runs" in text
     assert "cmp/kd/seed1: \"result path 'nope.test_top1_last': no 'nope'" in text
+
+
+def test_train_images_per_second_is_the_median_interval_rate(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 50, "split": "train", "time": 100.0},
+               {"step": 100, "split": "train", "time": 102.0},     # 64·50/2 = 1600 img/s
+               {"step": 100, "split": "test", "time": 110.0},      # ignored
+               {"step": 150, "split": "train", "time": 112.0},     # 320 (holds the eval)
+               {"step": 200, "split": "train", "time": 116.0}]     # 800
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert study.train_images_per_second(path, 64) == pytest.approx(800.0)
+    path.write_text(json.dumps(records[0]) + "\n")
+    assert study.train_images_per_second(path, 64) is None
+    assert study.train_images_per_second(tmp_path / "absent.jsonl", 64) is None
 
 
 def two_comparison_study(only):
