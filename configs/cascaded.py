@@ -29,8 +29,9 @@ round(prune_every_epochs · steps per epoch)); normalize (per-group saliency nor
 "mean" | "l2" | "none"); round_to (kept widths rounded down to a multiple, 1 = off;
 groups narrower than it keep their width); teacher_stop_gradient (no gradient through the teacher side of a
 pair); optim (the cascade stage); finetune (student KD fine-tuning, epochs 0 = off);
-taylor_batches (oneshot_taylor). ``distill``: method ("kd"), temperature, ce_weight γ,
-weight β: loss Σ_k [γ·CE(s_k) + β·T²·KL(t_k ‖ s_k)].
+taylor_batches (oneshot_taylor). ``distill`` (the shared section): method ("kd";
+also at, sp, rkd, pkt, nst), temperature, ce_weight γ, weight β: loss
+Σ_k [γ·CE(s_k) + β·D(t_k → s_k)], D = T²·KL(p_t ‖ p_s) for kd.
 """
 
 import ml_collections
@@ -63,9 +64,11 @@ PRESETS = {
 
 
 def distill_section(**overrides) -> ml_collections.ConfigDict:
-    """Pair loss of every level: Hinton KD, T = 4, Σ_k [CE + KD] (γ = β = 1)."""
-    return ml_collections.ConfigDict(dict(method="kd", temperature=4.0, ce_weight=1.0,
-                                          weight=1.0, **overrides))
+    """Pair loss of every level: Hinton KD, T = 4, Σ_k [CE + KD] (γ = β = 1). The shared
+    ``distill`` section: any method without params/state of its own plugs in
+    (kd, at, sp, rkd, pkt, nst; e.g. ``--config.distill.method=at``, its weights then
+    the method's published defaults unless set)."""
+    return config_lib.distill("kd", ce_weight=1.0, weight=1.0, **overrides)
 
 
 def cascade_section(optim_cfg, num_events, prune_every_epochs, **overrides):

@@ -12,10 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import config_lib, models
+from kdjax import config_lib, losses, models
 from kdjax.pipelines import cascaded
 from kdjax.pruning import cascade, compact as compact_lib, cost as cost_lib
 from kdjax.pruning import masks as masks_lib, saliency
+from kdjax.distill.methods import AT, KD
 from kdjax.train import checkpoint as ckpt_lib
 
 from helpers import np_log_softmax, np_softmax, random_variables
@@ -24,6 +25,7 @@ from test_train import load_config
 SHAPE = (16, 16, 3)
 MODEL = models.get_model("resnet8", 10)
 GROUPS = models.mask_groups(MODEL)
+KD_PAIR = cascaded.method_pair_loss(KD(weight=1.0, temperature=4.0))
 
 
 # --------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def test_saliency_is_the_finite_difference_of_each_levels_own_pair_loss(stop_gra
         masks = {g: jnp.asarray(m, jnp.float64) for g, m in random_nested(rng, levels).items()}
         images = jnp.asarray(rng.standard_normal((4, 8, 8, 3)))
         batch = {"image": images, "label": jnp.asarray(rng.integers(0, 10, 4))}
-        pair = cascaded.kd_pair_loss(4.0, 1.0)
+        pair = KD_PAIR
         forward = cascaded.level_forward(MODEL, stats, images)
         loss_fn = lambda o, stop: cascade.cascade_loss(o, batch, pair, 1.0, stop)  # noqa: E731
         grads = jax.jit(lambda p, m: cascade.cascade_grads(forward, p, m, loss_fn,
@@ -231,7 +233,7 @@ def test_zero_tas_is_one_teacher_student_pair():
     student_mask = {g: m[1] for g, m in random_nested(rng, 2).items()}
     full = np_macs({g: np.ones(c) for g, c in GROUPS.items()})
     schedule = cascaded.Schedule(every=1, targets=np.array([[full, 0.3 * full]]))
-    step = cascaded.make_cascade_step(MODEL, tx, schedule, cascaded.kd_pair_loss(4.0, 1.0),
+    step = cascaded.make_cascade_step(MODEL, tx, schedule, KD_PAIR,
                                       ce_weight=1.0, stop_gradient=True, input_shape=SHAPE,
                                       normalize="mean")
     state = cascaded.CascadeState.create(variables, GROUPS, 2, tx, jax.random.PRNGKey(0))
@@ -265,6 +267,51 @@ def test_zero_tas_is_one_teacher_student_pair():
         np.testing.assert_array_equal(new.masks[g][1], want_mask[g])
         np.testing.assert_array_equal(new.masks[g][0], 1.0)
     assert int(new.saliency_steps) == 0
+
+
+def test_a_feature_method_is_the_pair_loss_of_every_level():
+    """distill.method=at in the cascade: the one vmapped step's loss = Σ_k γ·CE(z_k) +
+    Σ_{k≥1} β·Σ_taps AT(f_k, f_{k-1}) from separate forwards of each masked level."""
+    levels = 3
+    variables = random_variables(MODEL, seed=11)
+    rng = np.random.default_rng(12)
+    masks = {g: jnp.asarray(m) for g, m in random_nested(rng, levels).items()}
+    method = AT(weight=7.0)
+    taps = method.s_taps
+    full = np_macs({g: np.ones(c) for g, c in GROUPS.items()})
+    schedule = cascaded.Schedule(every=1000, targets=np.full((1, levels), full))
+    tx = optax.sgd(0.1)
+    step = cascaded.make_cascade_step(MODEL, tx, schedule, cascaded.method_pair_loss(method),
+                                      ce_weight=0.5, stop_gradient=True, input_shape=SHAPE,
+                                      normalize="mean", taps=taps)
+    state = cascaded.CascadeState.create(variables, GROUPS, levels, tx, jax.random.PRNGKey(0))
+    state = state.replace(masks=masks)
+    batch = tiny_batch()
+    _, metrics = jax.jit(step)(state, batch)
+
+    outs = []
+    for k in range(levels):
+        (z, feats), _ = MODEL.apply(variables, batch["image"], masks=cascade.level(masks, k),
+                                    train=True, mutable=["batch_stats"])
+        outs.append((z, feats))
+    ce = lambda z: -np.mean(jax.nn.log_softmax(z)[np.arange(8), batch["label"]])  # noqa
+    want = sum(0.5 * ce(z) for z, _ in outs) + 7.0 * sum(
+        float(losses.attention_transfer_loss(outs[k][1][t], outs[k - 1][1][t]))
+        for k in range(1, levels) for t in taps)
+    assert float(metrics["loss"]) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_pair_methods_are_the_stateless_ones_and_others_fail_early():
+    assert cascaded.pair_methods() == ("at", "kd", "nst", "pkt", "rkd", "sp")
+    config = load_config("cascaded", "demo")
+    config.distill.method = "crd"
+    with pytest.raises(ValueError, match="valid: at, kd, nst, pkt, rkd, sp"):
+        cascaded.validate(config)
+    config.distill.method = "at"
+    config.distill.student_taps = ("stage9",)
+    config.distill.teacher_taps = ("stage9",)
+    with pytest.raises(ValueError, match="unknown tap 'stage9'"):
+        cascaded.validate(config)
 
 
 def test_compacted_levels_equal_the_masked_levels():

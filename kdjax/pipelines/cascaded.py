@@ -34,7 +34,6 @@ import numpy as np
 import optax
 
 from kdjax import distill, losses, models, reports
-from kdjax.distill.methods import KD
 from kdjax.data import pipeline as data_pipeline
 from kdjax.pipelines import common
 from kdjax.pruning import cascade as cascade_lib
@@ -49,7 +48,6 @@ from kdjax.train.state import TrainState, make_eval_step
 log = logging.getLogger("kdjax")
 
 METHODS = ("cascade", "oneshot_l1", "oneshot_taylor")
-DISTILL_METHODS = ("kd",)
 MAX_TAS = 3
 NORMALIZATIONS = ("mean", "l2", "none")  # saliency.normalize_scores
 
@@ -68,27 +66,38 @@ class Outputs(NamedTuple):
 # --------------------------------------------------------------------------
 
 
-def kd_pair_loss(temperature: float, weight: float):
-    """Hinton KD as a pair loss: (student, teacher, batch) -> (β·T²·KL(p_t ‖ p_s), metrics)."""
+def pair_methods() -> tuple[str, ...]:
+    """The distillation methods that plug in as the cascade's pair loss: those without
+    trainable params or state of their own, an initialisation stage, a step-dependent term
+    or an optimizer transform (each would need one copy per level pair in the cascade's
+    state; not built): kd, at, sp, rkd, pkt, nst."""
+    base = distill.Method
+    return tuple(sorted(
+        name for name, cls in distill.METHODS.items()
+        if not cls.init_stage and all(getattr(cls, hook) is getattr(base, hook)
+                                      for hook in ("init", "term", "transform", "for_stage"))))
+
+
+def method_pair_loss(method: distill.Method):
+    """A stateless method as a pair loss: (student, teacher, batch) -> (β·term, metrics)."""
 
     def pair_loss(student: Outputs, teacher: Outputs, batch: dict):
-        kd = losses.kd_loss(student.logits, teacher.logits, temperature)
-        return weight * kd, {"kd": kd}
+        loss, metrics, _ = method.loss({}, {}, student, teacher, batch)
+        return loss, metrics
 
     return pair_loss
 
 
-def pair_loss_from_config(distill) -> tuple[Any, tuple[str, ...]]:
-    """(pair_loss(student, teacher, batch) -> (loss, metrics), feature taps it reads).
-
-    The one place ``config.distill.method`` is resolved; a method of the distillation
-    interface without params/state plugs in as
-    ``lambda s, t, b: method.loss({}, {}, s, t, b)[:2]`` with taps ``method.s_taps``.
-    """
-    if distill.method not in DISTILL_METHODS:
-        raise ValueError(f"unknown distill.method {distill.method!r} for the cascaded "
-                         f"pipeline; valid: {', '.join(DISTILL_METHODS)}")
-    return kd_pair_loss(distill.temperature, distill.weight), ()
+def method_from_config(distill_cfg, network_taps) -> distill.Method:
+    """``config.distill``'s method with its taps checked against the pruned network's
+    (teacher and student levels are the same network); ValueError for a method that cannot
+    be a pair loss, listing those that can."""
+    if distill_cfg.method not in pair_methods():
+        raise ValueError(f"distill.method {distill_cfg.method!r} cannot be the cascade's pair "
+                         f"loss (it owns params/state or a step-dependent term); valid: "
+                         f"{', '.join(pair_methods())}")
+    return distill.make_method(distill_cfg, student_taps=network_taps,
+                               teacher_taps=network_taps)
 
 
 # --------------------------------------------------------------------------
@@ -276,7 +285,8 @@ def role(k: int, levels: int) -> str:
 def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
     """The ``cascade`` stage through loop.fit (resumable); evaluation = the student level."""
     config, cfg = ctx.config, ctx.config.cascade
-    pair_loss, taps = pair_loss_from_config(config.distill)
+    method = method_from_config(config.distill, model.taps())
+    taps = tuple(dict.fromkeys(method.s_taps + method.t_taps))
     levels = cascade_lib.num_levels(cfg.num_tas)
     batch_size = cfg.optim.batch_size
     sharding.check_batch_size(batch_size, ctx.mesh)
@@ -288,7 +298,8 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
     tx = optim.sgd(cfg.optim, steps_per_epoch)
     state = CascadeState.create(variables, models.mask_groups(model), levels, tx,
                                 jax.random.PRNGKey(config.seed + 1))
-    step = make_cascade_step(model, tx, schedule, pair_loss, ce_weight=config.distill.ce_weight,
+    step = make_cascade_step(model, tx, schedule, method_pair_loss(method),
+                             ce_weight=distill.ce_weight(config.distill, method),
                              stop_gradient=cfg.teacher_stop_gradient,
                              input_shape=ctx.input_shape, normalize=cfg.normalize, taps=taps,
                              compute_dtype=config.train.compute_dtype, round_to=cfg.round_to)
@@ -372,10 +383,11 @@ def export_levels(ctx, model, state: CascadeState, schedule: Schedule) -> list[d
     return rows
 
 
-def kd_objective(config):
-    """The fine-tuning objective: Hinton KD with the ``distill`` section's T, γ, β."""
-    d = config.distill
-    return distill.objective(KD(weight=d.weight, temperature=d.temperature), d.ce_weight)
+def finetune_objective(config, model):
+    """The fine-tuning objective: ``config.distill``'s method (the cascade's pair loss)
+    from the cascade's teacher level, with its γ."""
+    method = method_from_config(config.distill, model.taps())
+    return distill.objective(method, distill.ce_weight(config.distill, method))
 
 
 def finetune_student(ctx, model, state: CascadeState, rows: list[dict]) -> dict:
@@ -386,7 +398,8 @@ def finetune_student(ctx, model, state: CascadeState, rows: list[dict]) -> dict:
     small, small_vars = compact_lib.compact(model, variables, masks)
     _, results = common.run_stage(
         ctx, "cascade/finetune", zoo_name(model), ctx.config.cascade.finetune,
-        kd_objective(ctx.config), teacher=teacher, widths=masks_lib.count_kept(masks),
+        finetune_objective(ctx.config, model), teacher=teacher,
+        widths=masks_lib.count_kept(masks),
         model=small, initial_variables=small_vars)
     return results
 
@@ -431,7 +444,7 @@ def run_oneshot(ctx, model, variables, teacher_results: dict) -> tuple[list[dict
     budget = cfg.optim.copy_and_resolve_references()
     budget.epochs = cfg.optim.epochs + cfg.finetune.epochs
     _, results = common.run_stage(
-        ctx, method, zoo_name(model), budget, kd_objective(config),
+        ctx, method, zoo_name(model), budget, finetune_objective(config, model),
         teacher=(model, variables), widths=masks_lib.count_kept(masks), model=small,
         initial_variables=small_vars)
     full = cost_lib.model_cost(model, ctx.input_shape)
@@ -462,7 +475,7 @@ def validate(config) -> None:
         raise ValueError(f"unknown cascade.normalize {cfg.normalize!r} (per-group saliency "
                          f"normalisation); valid: {', '.join(NORMALIZATIONS)}")
     saliency.check_round_to(cfg.round_to)
-    pair_loss_from_config(config.distill)
+    method_from_config(config.distill, models.get_model(config.teacher.name, 10).taps())
 
 
 def run(config, workdir) -> dict:
