@@ -316,6 +316,7 @@ def test_cross_layer_imagenet64_preset_first_steps(tmp_path):
     ensemble stage) on mock ``imagenet_resized/64x64``, whose test split is TFDS's
     ``validation``."""
     config = imagenet_smoke("cross_layer", "imagenet64_mobilenet")
+    config.data.image_size = 64  # crop_flip streams images at their stored 64×64
     assert (config.data.name, config.data.test_split) == ("imagenet_resized/64x64",
                                                            "validation")
     assert config.teachers == ("mobilenet16@0", "mobilenet16@1")
