@@ -253,15 +253,14 @@ def conv_profile(model_name: str, args) -> None:
     """Per distinct 3x3/1x1 conv shape of ``model_name`` (batch ``args.batch``): median time
     and GFLOP/s of the forward conv and of the two convolutions of its backward pass."""
     import jax
-    import jax.numpy as jnp
 
     from kdjax import models
     from kdjax.pruning.cost import model_cost
 
     layers = [l for l in model_cost(models.get_model(model_name, args.classes),
                                     tuple(args.image))["layers"] if l.get("kind") == "conv"]
-    print(f"| conv (out HxW, Cin->Cout, k) | count | fwd ms (GFLOP/s) | d/dinput ms | "
-          f"d/dkernel ms |\n|---|---|---|---|---|")
+    print("| conv (out HxW, Cin->Cout, k) | count | fwd ms (GFLOP/s) | d/dinput ms | "
+          "d/dkernel ms |\n|---|---|---|---|---|")
     seen = {}
     for layer in layers:  # kernel k·k·Cin·Cout = params, output H·W = MACs / params
         cin, cout = layer["in_channels"] or args.image[2], layer["out_channels"]

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 from kdjax import data
-from kdjax.data import pipeline
-from kdjax.data import sources
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 

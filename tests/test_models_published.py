@@ -8,9 +8,6 @@ H·W·k²·(Cin/g)·Cout MACs; a dense layer Din·Dout; params count weights, bi
 scale + shift (never running statistics).
 """
 
-import math
-
-import jax
 import numpy as np
 import pytest
 

@@ -10,6 +10,7 @@ import pytest
 from kdjax import config_lib, models
 from kdjax.data import pipeline as data_pipeline
 from kdjax.distill import Outputs
+from kdjax.pruning import learned_masks
 from kdjax.pruning.learned_masks import LearnedMasks, binary_masks
 from kdjax.pipelines import common, pdd
 from kdjax.pruning import compact as compact_lib
@@ -163,7 +164,7 @@ def test_flops_extension_ratio_and_gradient():
             / cost_lib.model_cost(model, (16, 16, 3))["macs"])
     assert abs(float(features["macs_ratio"]) - want) < 1e-5
     # the penalty alone pushes the mask logits (through the straight-through gradient)
-    regularizer = pdd.flops_penalty(target=0.0, weight=1.0)
+    regularizer = learned_masks.flops_penalty(target=0.0, weight=1.0)
 
     def penalty(params):
         logits, feats = wrapped.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)

@@ -64,7 +64,7 @@ from kdjax.pruning import emo as emo_lib
 from kdjax.pruning import masks as masks_lib
 from kdjax.pruning import saliency
 from kdjax.pruning import split as split_lib
-from kdjax.pruning.emo import apply_span, selector_loss, span_io, take, with_params
+from kdjax.pruning.emo import span_io, take, with_params
 from kdjax.train import files, sharding
 
 log = logging.getLogger("kdjax")

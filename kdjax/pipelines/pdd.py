@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import logging
 
-import jax
-
 from kdjax import models, reports
 from kdjax.pipelines import common
 from kdjax.pruning import compact as compact_lib
 from kdjax.pruning import cost as cost_lib
 from kdjax.pruning import saliency
+from kdjax.pruning import learned_masks
 from kdjax.pruning.learned_masks import LearnedMasks, binary_masks
 from kdjax.train import checkpoint as ckpt_lib
 from kdjax.train import files
@@ -68,18 +67,6 @@ def fallback_groups(params: dict) -> list[str]:
     return sorted(g for g, m in params["mask_logits"].items() if not bool((m > 0).any()))
 
 
-def flops_penalty(target: float, weight: float):
-    """Extension, not part of PDD: a regulariser (for ``distill.Objective``) adding
-    weight · max(0, r − target), where r = features["macs_ratio"] is the masked/unmasked
-    MACs ratio of LearnedMasks; logs r as "macs_ratio"."""
-
-    def penalty(student):
-        ratio = student.features["macs_ratio"]
-        return weight * jax.nn.relu(ratio - target), {"macs_ratio": ratio}
-
-    return penalty
-
-
 def reduction(pruned: dict, reference: dict) -> dict:
     """Percent of MACs and params removed relative to ``reference``."""
     return {
@@ -103,7 +90,7 @@ def run(config, workdir) -> dict:
     table = cost_lib.cost_table(student, ctx.input_shape) if pdd.flops_target > 0 else None
     wrapped = LearnedMasks(model=student, learned=masked_groups(student, pdd.placement),
                            init_scale=pdd.mask_init_scale, cost_table=table)
-    penalty = (flops_penalty(pdd.flops_target, pdd.flops_weight) if pdd.flops_target > 0
+    penalty = (learned_masks.flops_penalty(pdd.flops_target, pdd.flops_weight) if pdd.flops_target > 0
                else None)
     _, results["masks"] = common.distill_stage(ctx, "masks", config.student.name, pdd.stage1,
                                                method, teacher, model=wrapped,

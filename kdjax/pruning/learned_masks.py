@@ -90,3 +90,15 @@ def binary_masks(params: dict, groups: dict[str, int]) -> dict[str, jax.Array]:
         best = jnp.zeros((c,), bool).at[jnp.argmax(logits[g])].set(True)
         masks[g] = jnp.where(jnp.any(keep), keep, best).astype(jnp.float32)
     return masks
+
+
+def flops_penalty(target: float, weight: float):
+    """Extension, not part of PDD: a regulariser (for ``distill.Objective``) adding
+    weight · max(0, r − target), where r = features["macs_ratio"] is the masked/unmasked
+    MACs ratio of LearnedMasks; logs r as "macs_ratio"."""
+
+    def penalty(student):
+        ratio = student.features["macs_ratio"]
+        return weight * jax.nn.relu(ratio - target), {"macs_ratio": ratio}
+
+    return penalty
