@@ -12,7 +12,7 @@ their finished runs).
 The protocol (Fashion-MNIST, 2,000 training examples, no augmentation, batch 64; resnet20
 teacher trained 30 epochs once with seed 0 and shared; resnet8 student, 20 epochs) is applied to every run by
 ``overrides`` (data, evaluation cadence) and by each distillation comparison's own
-``overrides`` (the student's budget). The pruning pipelines keep their demo schedules on
+``overrides`` (the student's budget; cross-layer: also its teachers and Gram stage). The pruning pipelines keep their demo schedules on
 the protocol's data: their budgets are in their own configs and are not tuned here.
 
 A variant with ``requires`` naming config keys its config lacks (a feature not merged on
@@ -21,6 +21,8 @@ this branch) is skipped with the reason in study.md; any other unknown key, or a
 """
 
 import ml_collections
+
+from kdjax.study import SHARED_TEACHER
 
 KD = "configs/kd.py:demo"
 PDD = "configs/pdd.py:demo"
@@ -158,14 +160,26 @@ def cascaded():
         + [level(m, [("cascade.method", m)]) for m in ("oneshot_l1", "oneshot_taylor")])
 
 
+# Cross-layer under the protocol: the study's shared resnet20 is the first (Gram-target)
+# teacher, a resnet14 trained with the protocol's teacher recipe the second; stage 1 gets
+# 1/8 of the student's epochs (our CIFAR preset's 30 stage-1 epochs against 240).
+CROSS_LAYER_BUDGET = STUDENT_BUDGET + (
+    ("teachers", (SHARED_TEACHER, "resnet14@1")),
+    ("teacher_optim.epochs", TEACHER_EPOCHS), ("teacher_optim.batch_size", BATCH_SIZE),
+    ("cross_layer.stage1_optim.epochs", 3), ("cross_layer.stage1_optim.batch_size", BATCH_SIZE))
+
+
 def cross_layer():
     ablations = (("cross_layer.ablations", True),)
     names = {"student": "student", "kd_teacher": "kd_teacher", "kd_ensemble": "kd_ensemble",
              "stage1_kd_teacher": "stage1_kd_teacher", "cross_layer": "stage2"}
     return comparison(
         "cross_layer", "distill", "student",
-        "Cross-layer Gram KD and its ablations (one run per seed, its own two teachers).",
-        [variant(name, CROSS_LAYER, ablations, stage=stage) for name, stage in names.items()])
+        "Cross-layer Gram KD and its ablations under the protocol (one run per seed: the "
+        "shared resnet20 and a resnet14 as teachers, resnet8 student, 20 epochs per stage "
+        "after a 3-epoch Gram stage).",
+        [variant(name, CROSS_LAYER, ablations, stage=stage) for name, stage in names.items()],
+        overrides=CROSS_LAYER_BUDGET)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -44,6 +44,8 @@ from kdjax import reports  # noqa: E402
 
 log = logging.getLogger("kdjax")
 
+# In a ``teachers`` list (cross_layer): stands for the study's shared teacher checkpoint.
+SHARED_TEACHER = "<study teacher>"
 RESULT_FILE = "study_result.json"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -252,6 +254,9 @@ def resolve_variant(study, comp, var, seed: int, workdir: pathlib.Path,
     from kdjax import main as kdjax_main
 
     kdjax_main.validate(config)  # before teacher.checkpoint is set: it is trained later
+    if "teachers" in config and var.shared_teacher:   # cross_layer: a list of teachers
+        config.teachers = tuple(checkpoint if t == SHARED_TEACHER else t
+                                for t in config.teachers)
     if "teacher" in config and var.shared_teacher:
         if config.teacher.name != teacher_name:
             raise ValueError(f"{where}: teacher.name={config.teacher.name!r} but the study's "
@@ -299,14 +304,23 @@ def execute(run: Run) -> dict:
     from kdjax import main as kdjax_main
     from kdjax.train import files
 
+    from kdjax.train import checkpoint as ckpt_lib
+
     done = run.dir / RESULT_FILE
+    config = run.config.to_dict()
     if done.exists():
-        return json.loads(done.read_text())
+        stored = json.loads(done.read_text())
+        changes = ckpt_lib.config_changes(stored.get("config", config), config)
+        if changes:
+            listed = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in changes.items())
+            raise ValueError(f"the finished run in {run.dir} was made with another config "
+                             f"({listed}); move that directory away to rerun it")
+        return stored
     run.dir.mkdir(parents=True, exist_ok=True)
     log.info("[study] running %s in %s", run.label, run.dir)
     results = kdjax_main.PIPELINES[run.config.pipeline](run.config, str(run.dir))
     results = json.loads(json.dumps(results, default=str))
-    files.save_json(done, {"results": results})
+    files.save_json(done, {"results": results, "config": config})
     import jax
 
     jax.clear_caches()  # compiled steps of this run's models are not needed again

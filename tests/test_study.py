@@ -186,6 +186,10 @@ def test_every_shipped_preset_resolves(tmp_path):
         ran = [r for r in runs if not r.skipped]
         assert ran and all(r.config.data.train_size == study_config.TRAIN_SIZE for r in ran)
         assert {r.seed for r in runs} == {0, 1, 2}
+        shared = str(tmp_path / "teacher" / config.teacher.stage)
+        for run in (r for r in ran if r.comparison == "cross_layer"):
+            assert run.config.teachers == (shared, "resnet14@1")
+            assert run.config.optim.epochs == study_config.STUDENT_EPOCHS
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,6 +283,18 @@ def test_train_images_per_second_is_the_median_interval_rate(tmp_path):
     path.write_text(json.dumps(records[0]) + "\n")
     assert study.train_images_per_second(path, 64) is None
     assert study.train_images_per_second(tmp_path / "absent.jsonl", 64) is None
+
+
+def test_a_finished_run_with_another_config_is_not_reused(tmp_path, monkeypatch):
+    started = []
+    fake_pipelines(monkeypatch, started)
+    study.study(lr_study(), tmp_path)
+    changed = lr_study()
+    changed.comparisons[0].overrides += (("optim.weight_decay", 1e-3),)
+    text = study.study(changed, tmp_path)
+    assert "## Failed runs" in text
+    assert "cmp/kd/seed0: the finished run in" in text and "optim.weight_decay" in text
+    assert len(started) == 5  # nothing was run again
 
 
 def two_comparison_study(only):
