@@ -33,8 +33,8 @@ the Gram target unless ``cross_layer.target_teacher`` says otherwise):
     --config.teachers='("/tmp/sup/model", "resnet56@1", "resnet32@2")'
 
 Demo on the embedded Fashion-MNIST (2 teachers of different architectures, stage 1,
-stage 2; estimated ≈ 8 min on an idle 2-core CPU, teachers included, ≈ 15 min with
-``--config.cross_layer.ablations=True``; see BUILD_NOTES):
+stage 2; 12 min measured on an idle 2-core CPU, teachers included; about twice that with
+``--config.cross_layer.ablations=True``, estimated; see BUILD_NOTES):
     python -m kdjax.main --config=configs/cross_layer.py:demo --workdir=/tmp/xl-demo
 """
 
