@@ -13,9 +13,8 @@ The protocol (Fashion-MNIST, 2,000 training examples, no augmentation, batch 64;
 teacher trained 30 epochs once with seed 0 and shared; resnet8 student, 20 epochs) is
 applied to every run by ``overrides`` (data, evaluation cadence) and by each comparison's
 own ``overrides``: the student's budget for the distillation comparisons (cross-layer: also
-its teachers and Gram stage) and for the cascade. PDD and EMO-PMS still run their demo
-schedules on the protocol's 2,000 examples (about a tenth of the demo's steps); scale them
-the same way before trusting those two comparisons (BUILD_NOTES, "Evidence").
+its teachers and Gram stage), PDD, L1 / Taylor and EMO-PMS (the pruned network's training
+split around the pruning), and a shorter one for the cascade (CASCADE_EPOCHS, for time).
 
 A variant with ``requires`` naming config keys its config lacks (a feature not merged on
 this branch) is skipped with the reason in study.md; any other unknown key, or an unknown
@@ -43,7 +42,15 @@ PROTOCOL = (
     ("data.augment", "none"),
     ("train.eval_every_steps", 5 * STEPS_PER_EPOCH),   # evaluate every 5 epochs (and at the end)
 )
-STUDENT_BUDGET = (("optim.epochs", STUDENT_EPOCHS), ("optim.batch_size", BATCH_SIZE))
+
+
+def epochs_at_protocol_batch(section: str, epochs: int) -> list[tuple[str, object]]:
+    """Overrides setting the optim section ``section`` to ``epochs`` at the protocol's batch."""
+    return [(f"{section}.epochs", epochs), (f"{section}.batch_size", BATCH_SIZE)]
+
+
+STUDENT_BUDGET = tuple(epochs_at_protocol_batch("optim", STUDENT_EPOCHS))
+
 
 # The loss zoo of kdjax.distill (RepDistiller's methods), each with its published defaults.
 ZOO = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd")
@@ -122,21 +129,37 @@ def loss_zoo():
 # PDD's demo pruned resnet14 to about 68 % of its MACs (BUILD_NOTES, PDD demo); L1 and
 # Taylor prune the same architecture (trained in their run with CE) to that ratio.
 PDD_RATIO = 0.68
+# The pruning comparisons under the protocol, like the cascade below: their demo schedules
+# are 1–5 epochs of the demo's 20k examples, a few dozen SGD steps on the protocol's 2k.
+# Every pruned resnet14 gets the student's 20 epochs at batch 64 in two halves — PDD: 10
+# epochs learning masks with KD + 10 fine-tuning; L1 / Taylor: 10 epochs of CE training +
+# 10 fine-tuning after pruning — and PDD's unpruned KD reference the whole 20. EMO-PMS and
+# its baselines prune the already trained shared resnet20, so they get the fine-tuning
+# half (10 epochs).
+PRUNE_HALF_EPOCHS = STUDENT_EPOCHS // 2
+PDD_BUDGET = (epochs_at_protocol_batch("pdd.stage1", PRUNE_HALF_EPOCHS)
+              + epochs_at_protocol_batch("pdd.stage2", PRUNE_HALF_EPOCHS)
+              + epochs_at_protocol_batch("pdd.kd_optim", STUDENT_EPOCHS))
+EMO_FINETUNE = epochs_at_protocol_batch("emo.finetune", PRUNE_HALF_EPOCHS)
 
 
 def pdd():
     def saliency(method):
         return variant(method, EMO, [("emo.method", method), ("teacher.name", "resnet14"),
-                                     ("target_flops_ratio", PDD_RATIO)],
+                                     ("target_flops_ratio", PDD_RATIO)]
+                       + epochs_at_protocol_batch("teacher.optim", PRUNE_HALF_EPOCHS)
+                       + EMO_FINETUNE,
                        stage="finetune", macs="pruned.macs", shared_teacher=False)
 
     return comparison(
         "pdd", "pruning", "l1",
         "PDD (resnet20 → resnet14, masks learned with KD) against L1-norm and Taylor "
         f"channel pruning of resnet14 to the MACs ratio PDD reached on the demo "
-        f"({PDD_RATIO}), every method with its own demo schedule on the protocol's data.",
-        [variant("pdd", PDD, stage="stages.finetune", macs="pruned_cost.macs"),
-         variant("unpruned_kd", PDD, stage="stages.kd", macs="unpruned_cost.macs"),
+        f"({PDD_RATIO}), every pruned resnet14 trained {STUDENT_EPOCHS} epochs in all "
+        f"({PRUNE_HALF_EPOCHS} before and {PRUNE_HALF_EPOCHS} after pruning).",
+        [variant("pdd", PDD, PDD_BUDGET, stage="stages.finetune", macs="pruned_cost.macs"),
+         variant("unpruned_kd", PDD, PDD_BUDGET, stage="stages.kd",
+                 macs="unpruned_cost.macs"),
          saliency("l1"), saliency("taylor")])
 
 
@@ -144,8 +167,9 @@ def emo_pms():
     return comparison(
         "emo_pms", "pruning", "l1",
         "EMO-PMS against its four baselines, each pruning the shared resnet20 to ≤ 50 % "
-        "of its MACs and fine-tuning it.",
-        [variant(m, EMO, [("emo.method", m)], stage="finetune", macs="pruned.macs")
+        f"of its MACs and fine-tuning it {PRUNE_HALF_EPOCHS} epochs.",
+        [variant(m, EMO, [("emo.method", m)] + EMO_FINETUNE, stage="finetune",
+                 macs="pruned.macs")
          for m in ("emo_pms", "uniform", "l1", "taylor", "whole_nsga2")])
 
 
@@ -157,9 +181,8 @@ def emo_pms():
 # steps, 4× the demo's on this data), the 5 events spread over the first half as in the
 # demo; the one-shot baselines get the same epochs of KD fine-tuning.
 CASCADE_EPOCHS = 4
-CASCADE_BUDGET = (("cascade.optim.epochs", CASCADE_EPOCHS),
-                  ("cascade.optim.batch_size", BATCH_SIZE),
-                  ("cascade.prune_every_epochs", CASCADE_EPOCHS / 10))
+CASCADE_BUDGET = tuple(epochs_at_protocol_batch("cascade.optim", CASCADE_EPOCHS)
+                       + [("cascade.prune_every_epochs", CASCADE_EPOCHS / 10)])
 
 
 def cascaded():
@@ -181,10 +204,10 @@ def cascaded():
 # Cross-layer under the protocol: the study's shared resnet20 is the first (Gram-target)
 # teacher, a resnet14 trained with the protocol's teacher recipe the second; stage 1 gets
 # 1/8 of the student's epochs (our CIFAR preset's 30 stage-1 epochs against 240).
-CROSS_LAYER_BUDGET = STUDENT_BUDGET + (
-    ("teachers", (SHARED_TEACHER, "resnet14@1")),
-    ("teacher_optim.epochs", TEACHER_EPOCHS), ("teacher_optim.batch_size", BATCH_SIZE),
-    ("cross_layer.stage1_optim.epochs", 3), ("cross_layer.stage1_optim.batch_size", BATCH_SIZE))
+CROSS_LAYER_BUDGET = STUDENT_BUDGET + tuple(
+    [("teachers", (SHARED_TEACHER, "resnet14@1"))]
+    + epochs_at_protocol_batch("teacher_optim", TEACHER_EPOCHS)
+    + epochs_at_protocol_batch("cross_layer.stage1_optim", 3))
 
 
 def cross_layer():
