@@ -23,6 +23,7 @@ measured fp32 matmul peak stays the reference.
     python -m kdjax.bench --pruned-latency resnet56 # latency vs MACs, rounded widths or not
     python -m kdjax.bench --population-eval         # EMO-PMS loop / vmap / map, 1 vs 2 devices
     python -m kdjax.bench --conv-kernel-grad matmul --xla-flags="..."   # train-step levers
+    python -m kdjax.bench --compare-torch --eval-batchnorm identity     # bound of BN folding
 
 A distillation row is the main-stage step of ``kdjax.distill`` method M with its default
 settings (CRD: memory banks of ``--bank-size`` rows, 16384 negatives); for AB and FSP,
@@ -81,6 +82,10 @@ def parse_args(argv):
     parser.add_argument("--conv-kernel-grad", choices=("xla", "matmul"), default="xla",
                         help="lever: kernel gradient of the zoo's convolutions "
                              "(kdjax.models.conv_grad)")
+    parser.add_argument("--eval-batchnorm", choices=("keep", "identity"), default="keep",
+                        help="lever bound: 'identity' replaces every BatchNorm of the "
+                             "inference row by the identity (NOT the same function) — the "
+                             "most that folding BN into the convolutions could save in eval")
     parser.add_argument("--xla-flags", default="",
                         help="lever: extra XLA flags (e.g. XLA:CPU ones) appended to "
                              "XLA_FLAGS before JAX starts")
@@ -187,14 +192,39 @@ def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[di
         objective = distill.objective(method, method.default_ce_weight)
         return train_row(name, objective, teacher, 6 * macs_s + 2 * macs_t)
 
-    infer = jax.jit(lambda v, x: precision.apply(teacher, v, x, jnp.dtype(args.dtype),
-                                                 train=False)[0])
+    def forward(v, x):
+        with batchnorm_as_identity(args.eval_batchnorm == "identity"):
+            return precision.apply(teacher, v, x, jnp.dtype(args.dtype), train=False)[0]
+
+    infer = jax.jit(forward)
     return [
         train_row(f"{student_name} CE train step", common.supervised_objective, None, 6 * macs_s),
         distill_row(f"KD {teacher_name} -> {student_name}", "kd"),
         {"step": f"{teacher_name} inference", "flops": 2 * macs_t,
          "run": lambda: jax.block_until_ready(infer(teacher_vars, batch["image"]))},
     ] + [distill_row(f"distill {m} {teacher_name} -> {student_name}", m) for m in methods]
+
+
+def batchnorm_as_identity(enabled: bool):
+    """Context in which every ``flax.linen.BatchNorm`` call returns its input unchanged
+    (active while a function is traced); a no-op context when not ``enabled``.
+
+    With BN folded into the preceding convolution (W' = W·γ/σ, b' = β − μ·γ/σ) an eval
+    forward keeps only a bias add, which XLA fuses into the ReLU / residual loop that
+    follows; dropping BN altogether therefore bounds from above what folding can save."""
+    import contextlib
+
+    import flax.linen as nn
+
+    if not enabled:
+        return contextlib.nullcontext()
+
+    def skip_batchnorm(call, args, kwargs, context):
+        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+            return args[0]
+        return call(*args, **kwargs)
+
+    return nn.intercept_methods(skip_batchnorm)
 
 
 def measure(row: dict, args) -> dict:
@@ -328,7 +358,8 @@ def benchmark(args) -> int:
           f"{mesh.size} {jax.devices()[0].platform} device(s), jax {jax.__version__}, "
           f"median of {args.repeats} after {args.warmup} warm-up; fp32 matmul peak of this "
           f"device setting {peak:.0f} GFLOP/s; {cpu_model()}; conv kernel grad "
-          f"{args.conv_kernel_grad}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{args.conv_kernel_grad}; eval BatchNorm {args.eval_batchnorm}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if args.compare_torch:
         compare_torch(pairs, args, mesh, peak)
         return 0

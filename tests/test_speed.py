@@ -275,3 +275,36 @@ def test_population_eval_bench_rows(capsys):
         (s, d) for s in ("loop", "vmap", "map (chunk 2)") for d in (1, 2)}
     assert all(r["evals_per_s"] > 0 for r in rows)
     assert capsys.readouterr().out.count("\n|") == 7
+
+
+def test_batchnorm_as_identity_bound_drops_every_batchnorm():
+    """The BN-folding bound's forward equals the ordinary forward of the same network
+    whose BatchNorms were made identities through their variables (mean 0, var 1 − eps,
+    scale 1, bias 0), and differs from the ordinary forward with trained-like statistics."""
+    from kdjax import bench
+    from kdjax.pipelines import common
+
+    model = models.get_model("resnet8", 10)
+    variables = common.init_variables(model, (16, 16, 3), 0)
+    rng = np.random.default_rng(0)
+    perturbed = jax.tree_util.tree_map(
+        lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype), variables["batch_stats"])
+    variables = {**variables, "batch_stats": perturbed}
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+
+    def forward(v, bound):
+        with bench.batchnorm_as_identity(bound):
+            return model.apply(v, x, train=False)[0]
+
+    eps = 1e-5  # flax.linen.BatchNorm's default, used by the zoo
+
+    def identity_bn(path, leaf):
+        name = path[-1].key
+        fill = {"mean": 0.0, "var": 1.0 - eps, "scale": 1.0, "bias": 0.0}.get(name)
+        in_bn = "bn" in path[-2].key  # the zoo names its BatchNorms bn, bn1, shortcut_bn, …
+        return jnp.full_like(leaf, fill) if fill is not None and in_bn else leaf
+
+    reference = jax.tree_util.tree_map_with_path(identity_bn, variables)
+    bound = jax.jit(lambda v: forward(v, True))(variables)
+    np.testing.assert_allclose(bound, forward(reference, False), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(bound, forward(variables, False), atol=1e-3)
