@@ -64,11 +64,12 @@ PRESETS = {
 
 
 def distill_section(**overrides) -> ml_collections.ConfigDict:
-    """Pair loss of every level: Hinton KD, T = 4, Σ_k [CE + KD] (γ = β = 1). The shared
-    ``distill`` section: any method without params/state of its own plugs in
-    (kd, at, sp, rkd, pkt, nst; e.g. ``--config.distill.method=at``, its weights then
-    the method's published defaults unless set)."""
-    return config_lib.distill("kd", ce_weight=1.0, weight=1.0, **overrides)
+    """Pair loss of every level: Hinton KD, T = 4, Σ_k [CE + KD] (γ = β = 1: the pipeline's
+    ``KD_PAIR_WEIGHTS``, used while weight / ce_weight stay −1). The shared ``distill``
+    section: any method without params/state of its own plugs in (kd, at, sp, rkd, pkt,
+    nst; e.g. ``--config.distill.method=at``, its weights then the method's published
+    defaults unless set)."""
+    return config_lib.distill("kd", **overrides)
 
 
 def cascade_section(optim_cfg, num_events, prune_every_epochs, **overrides):

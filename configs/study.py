@@ -7,7 +7,8 @@ over seeds (``python -m kdjax.study``; protocol and why: BUILD_NOTES "Evidence p
 Rerunning the same command continues where it stopped; results: DIR/study.md and
 DIR/<comparison>.png. Fewer seeds: ``--config.seeds="(0,1)"``; train some comparisons
 first: ``--config.only="('distillation','cascaded')"`` (the others are still reported from
-their finished runs).
+their finished runs); several cells at once, each in its own process:
+``--config.workers=2``.
 
 The protocol (Fashion-MNIST, 2,000 training examples, no augmentation, batch 64; resnet20
 teacher trained 30 epochs once with seed 0 and shared; resnet8 student, 20 epochs) is
@@ -229,6 +230,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Comparisons to train now (e.g. --config.only="('cascaded',)"); the others are still
     # reported from whatever runs of theirs have finished. () = all.
     config.only = ()
+    # Cells trained at once, each in its own process, after the shared teacher (one run
+    # keeps ≈ 1.25 of 2 cores busy; BUILD_NOTES "Cost of the study").
+    config.workers = 1
     config.overrides = PROTOCOL
     config.teacher = ml_collections.ConfigDict(dict(
         config="configs/supervised.py:demo", seed=0, stage="model",

@@ -9,6 +9,9 @@ and one PNG per comparison.
   ``teacher`` section gets ``teacher.checkpoint`` pointing at it.
 - Variants whose resolved configs are identical share one run (e.g. the student alone and
   KD both come from one ``configs/kd.py`` run with ``kd.baseline=True``).
+- ``workers`` (default 1): cells after the teacher train that many at a time, each in its
+  own child process (one JAX run keeps about 1.25 of 2 CPU cores busy; on a larger machine
+  several cells share it). SIGTERM stops them all with checkpoints saved.
 - Resumable: a run whose ``study_result.json`` exists is skipped; an unfinished run is
   started again in its directory, so its stages resume from their checkpoints.
 - Everything is resolved and checked before the first run: an unknown override key or an
@@ -16,7 +19,7 @@ and one PNG per comparison.
   not exist, or that ``requires`` a config key the config lacks (a feature not on this
   branch), is skipped with the reason logged and listed in study.md.
 
-The study config (see ``configs/study.py``) holds ``seeds``, ``overrides`` (applied to every
+The study config (see ``configs/study.py``) holds ``seeds``, ``workers``, ``overrides`` (applied to every
 run, the teacher's included), ``teacher`` (``config``, ``overrides``, ``seed``, ``stage``)
 and ``comparisons``: a tuple of ``{name, kind ("distill" | "pruning"), baseline,
 description, overrides, variants}``, each variant ``{name, config, overrides, requires,
@@ -321,10 +324,17 @@ def execute(run: Run) -> dict:
     results = kdjax_main.PIPELINES[run.config.pipeline](run.config, str(run.dir))
     results = json.loads(json.dumps(results, default=str))
     files.save_json(done, {"results": results, "config": config})
+    return {"results": results}
+
+
+def execute_here(run: Run) -> dict:
+    """``execute`` in this process, then drop the compiled steps of its models (a long
+    study in one process would otherwise keep every run's programs)."""
     import jax
 
-    jax.clear_caches()  # compiled steps of this run's models are not needed again
-    return {"results": results}
+    stored = execute(run)
+    jax.clear_caches()
+    return stored
 
 
 def train_images_per_second(metrics_path: pathlib.Path, images_per_step: int) -> float | None:
@@ -353,28 +363,130 @@ def extract(run: Run, stored: dict) -> dict:
                       if run.images_per_step else None)}
 
 
-def run_all(teacher: Run, runs: list[Run], on_result=None) -> tuple[dict, list[str]]:
+def run_all(teacher: Run, runs: list[Run], on_result=None, workers: int = 1,
+            start_method: str = "spawn") -> tuple[dict, list[str]]:
     """Train the teacher, then every cell (skipping finished ones). Returns
     ({(comparison, variant): {seed: {top1, best, macs}}}, failures). A run-time failure of
     one cell (NaN loss, damaged checkpoint, bad result path) is logged and the study goes
-    on; SIGTERM (Preempted) stops it, to be resumed by rerunning."""
-    from kdjax.train.checkpoint import CheckpointError
+    on; SIGTERM (Preempted) stops it, to be resumed by rerunning.
 
-    execute(teacher)
+    ``workers`` > 1: after the teacher, that many cells train at once, each in a fresh
+    child process (``multiprocessing`` ``start_method``; see ``cells_in_parallel``)."""
+    execute_here(teacher)
+    todo = [run for run in runs if not (
+        run.skipped or (run.report_only and not (run.dir / RESULT_FILE).exists()))]
     table: dict[tuple[str, str], dict[int, dict]] = {}
     failures = []
-    for run in runs:
-        if run.skipped or (run.report_only and not (run.dir / RESULT_FILE).exists()):
-            continue
-        try:
-            table.setdefault((run.comparison, run.variant), {})[run.seed] = extract(
-                run, execute(run))
-        except (CheckpointError, FloatingPointError, KeyError, ValueError) as err:
-            log.error("[study] %s failed: %s", run.label, err)
-            failures.append(f"{run.label}: {err}")
+    outcomes = (cells_in_sequence(todo) if workers <= 1
+                else cells_in_parallel(todo, workers, start_method))
+    for run, stored, error in outcomes:
+        if error is None:
+            try:
+                table.setdefault((run.comparison, run.variant), {})[run.seed] = extract(
+                    run, stored)
+            except KeyError as err:
+                error = str(err)
+        if error is not None:
+            log.error("[study] %s failed: %s", run.label, error)
+            failures.append(f"{run.label}: {error}")
         if on_result is not None:
             on_result(table, failures)
     return table, failures
+
+
+def run_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that fail one cell and let the study go on."""
+    from kdjax.train.checkpoint import CheckpointError
+
+    return CheckpointError, FloatingPointError, KeyError, ValueError
+
+
+def cells_in_sequence(runs: list[Run]):
+    """Yields (run, stored, None) or (run, None, error message) per run, in this process."""
+    for run in runs:
+        try:
+            yield run, execute_here(run), None
+        except run_errors() as err:
+            yield run, None, str(err)
+
+
+def _cell_process(run: Run, results) -> None:
+    """Body of a child process: execute one cell and put (dir, stored, error) on
+    ``results``; error is None, a message, or PREEMPTED."""
+    from kdjax import main as kdjax_main
+    from kdjax.train.loop import Preempted
+
+    kdjax_main.configure_logging()
+    try:
+        results.put((str(run.dir), execute(run), None))
+    except run_errors() as err:
+        results.put((str(run.dir), None, str(err)))
+    except Preempted:
+        results.put((str(run.dir), None, PREEMPTED))
+
+
+PREEMPTED = "<preempted>"
+
+
+def cells_in_parallel(runs: list[Run], workers: int, start_method: str = "spawn"):
+    """Like ``cells_in_sequence`` with up to ``workers`` cells training at once, one child
+    process per cell (a fresh JAX each time); runs sharing a directory train once. Results
+    come in completion order. SIGTERM to this process is passed on to the children, which
+    checkpoint and stop; then Preempted is raised here. A child that dies without a result
+    (kill -9, out of memory) fails its cell with its exit code."""
+    import multiprocessing
+    import queue
+    import signal
+
+    from kdjax.train.loop import Preempted
+
+    context = multiprocessing.get_context(start_method)
+    results = context.Queue()
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(str(run.dir), []).append(run)
+    waiting = list(groups)
+    alive: dict[str, Any] = {}
+    stopping = []
+
+    def forward_sigterm(signum, frame):
+        stopping.append(signum)
+        for process in alive.values():
+            process.terminate()
+
+    previous = signal.signal(signal.SIGTERM, forward_sigterm)
+    try:
+        while waiting or alive:
+            while waiting and len(alive) < workers and not stopping:
+                key = waiting.pop(0)
+                alive[key] = context.Process(target=_cell_process,
+                                             args=(groups[key][0], results))
+                alive[key].start()
+            if not alive:
+                break
+            try:
+                key, stored, error = results.get(timeout=1.0)
+            except queue.Empty:
+                for key, process in list(alive.items()):
+                    if not process.is_alive() and results.empty():
+                        del alive[key]
+                        for run in groups[key]:
+                            yield run, None, (f"the run's process exited with code "
+                                              f"{process.exitcode} without a result")
+                continue
+            alive.pop(key).join()
+            if error == PREEMPTED:
+                stopping.append(error)
+                continue
+            for run in groups[key]:
+                yield run, stored, error
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for process in alive.values():
+            process.terminate()
+            process.join()
+    if stopping:
+        raise Preempted("SIGTERM: the running cells saved checkpoints")
 
 
 # ---------------------------------------------------------------------------------------
@@ -501,7 +613,10 @@ def study(config, workdir) -> str:
     def progress(table, failures):
         write_report(config, teacher, runs, table, failures, workdir, plots=False)
 
-    table, failures = run_all(teacher, runs, on_result=progress)
+    workers = int(config.get("workers", 1))
+    if workers < 1:
+        raise ValueError(f"study.workers must be ≥ 1, got {workers}")
+    table, failures = run_all(teacher, runs, on_result=progress, workers=workers)
     return write_report(config, teacher, runs, table, failures, workdir)
 
 

@@ -314,6 +314,22 @@ def test_pair_methods_are_the_stateless_ones_and_others_fail_early():
         cascaded.validate(config)
 
 
+@pytest.mark.parametrize("method, weight, ce_weight", [
+    ("kd", 1.0, 1.0),        # the cascade's Σ_k [CE + KD]
+    ("at", 1000.0, 1.0),     # RepDistiller's published β for AT, CE weight 1
+    ("pkt", 30000.0, 1.0),   # RepDistiller's published β for PKT
+])
+def test_pair_weights_are_the_cascades_for_kd_and_published_for_others(method, weight,
+                                                                      ce_weight):
+    config = load_config("cascaded", "demo")
+    config.distill.method = method
+    pair, gamma = cascaded.method_from_config(config.distill, MODEL.taps())
+    assert (pair.weight, gamma) == (weight, ce_weight)
+    config.distill.weight, config.distill.ce_weight = 2.5, 0.25  # set: used as given
+    pair, gamma = cascaded.method_from_config(config.distill, MODEL.taps())
+    assert (pair.weight, gamma) == (2.5, 0.25)
+
+
 def test_compacted_levels_equal_the_masked_levels():
     """Per-level BN statistics and nested masks: each compacted level reproduces LevelView
     (the masked shared network in eval mode) to 1e-5."""

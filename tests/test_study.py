@@ -1,8 +1,11 @@
 """kdjax.study: statistics against NumPy / closed forms, grid resolution, and the runner on
 synthetic data (2 seeds, resume after an interruption, study.md and plots)."""
 
+import functools
 import json
 import math
+import os
+import pathlib
 
 import ml_collections
 import numpy as np
@@ -338,3 +341,86 @@ def test_runner_end_to_end_on_synthetic_data(tmp_path):
             assert stored["results"]["kd"]["steps"] == 1
             assert stored["results"]["teacher"]["checkpoint"] == str(tmp_path / "teacher/model")
     assert "| kd | 2 |" in text
+
+
+def marking_pipelines(monkeypatch, die_in=None, preempt_in=None):
+    """Fakes like ``fake_pipelines`` for child processes (forked: they inherit the patch):
+    each start leaves a file ``started-<pid>`` in its workdir; ``die_in`` exits the
+    process with code 9 without a result, ``preempt_in`` raises Preempted."""
+    from kdjax import main as kdjax_main
+    from kdjax.train.loop import Preempted
+
+    def fake(config, workdir):
+        (pathlib.Path(workdir) / f"started-{os.getpid()}").write_text("")
+        if workdir == die_in:
+            os._exit(9)
+        if workdir == preempt_in:
+            raise Preempted("SIGTERM")
+        top1 = FAKE_TOP1.get((config.optim.lr, config.seed), 90.0)
+        return {"kd": {"test_top1_last": top1, "test_top1_best_epoch": top1 + 1},
+                "model": {"test_top1_last": 90.0, "test_top1_best_epoch": 90.0}}
+
+    for name in ("supervised", "kd"):
+        monkeypatch.setitem(kdjax_main.PIPELINES, name, fake)
+
+
+def shared_lr_study(workers):
+    """lr_study plus a variant identical to "kd" (shares its runs), ``workers`` at once."""
+    config = lr_study()
+    same = var("kd_again", (("kd.baseline", False), ("optim.lr", 0.1)), "kd")
+    config.comparisons[0].variants = tuple(config.comparisons[0].variants) + (same,)
+    config.workers = workers
+    return config
+
+
+def started_pids(workdir):
+    return sorted(p.name for p in pathlib.Path(workdir).glob("started-*"))
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")  # the children never call JAX
+def test_parallel_workers_report_what_one_process_reports(tmp_path, monkeypatch):
+    """workers=2 (forked children): the same study.md as workers=1, every directory
+    trained once and in a process other than this one."""
+    marking_pipelines(monkeypatch)
+    sequential = study.study(shared_lr_study(1), tmp_path / "one")
+    monkeypatch.setattr(study, "run_all", functools.partial(study.run_all,
+                                                            start_method="fork"))
+    parallel = study.study(shared_lr_study(2), tmp_path / "two")
+    assert parallel.replace("/two", "/one") == sequential
+    cells = [tmp_path / "two" / f"cmp/{v}/seed{s}" for s in (0, 1) for v in ("student", "kd")]
+    assert not (tmp_path / "two/cmp/kd_again").exists()  # shares kd's runs
+    for cell in cells:
+        pids = started_pids(cell)
+        assert len(pids) == 1 and pids[0] != f"started-{os.getpid()}"
+    assert started_pids(tmp_path / "two/teacher") == [f"started-{os.getpid()}"]
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")  # the children never call JAX
+def test_parallel_worker_death_fails_its_cell_and_preemption_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "run_all", functools.partial(study.run_all,
+                                                            start_method="fork"))
+    marking_pipelines(monkeypatch, die_in=str(tmp_path / "cmp/kd/seed0"))
+    text = study.study(shared_lr_study(2), tmp_path)
+    assert "cmp/kd/seed0: the run's process exited with code 9 without a result" in text
+    assert "cmp/kd_again/seed0: the run's process exited with code 9" in text
+    assert "| student | 2 |" in text  # the other cells finished
+    marking_pipelines(monkeypatch, preempt_in=str(tmp_path / "cmp/kd/seed0"))
+    from kdjax.train.loop import Preempted
+
+    with pytest.raises(Preempted):
+        study.study(shared_lr_study(2), tmp_path)
+    with pytest.raises(ValueError, match="workers must be ≥ 1"):
+        study.study(shared_lr_study(0), tmp_path)
+
+
+@pytest.mark.slow
+def test_parallel_workers_with_real_pipelines(tmp_path):
+    """workers=2 with spawned children running the real pipelines (1-step runs)."""
+    config = lr_study()
+    config.workers = 2
+    text = study.study(config, tmp_path)
+    for s in (0, 1):
+        for v in ("student", "kd"):
+            stored = json.loads((tmp_path / f"cmp/{v}/seed{s}/study_result.json").read_text())
+            assert stored["results"]["kd"]["steps"] == 1
+    assert "| kd | 2 |" in text and "Failed runs" not in text

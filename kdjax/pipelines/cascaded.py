@@ -28,6 +28,7 @@ import logging
 from typing import Any, NamedTuple
 
 import flax
+import ml_collections
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,16 +89,33 @@ def method_pair_loss(method: distill.Method):
     return pair_loss
 
 
-def method_from_config(distill_cfg, network_taps) -> distill.Method:
-    """``config.distill``'s method with its taps checked against the pruned network's
-    (teacher and student levels are the same network); ValueError for a method that cannot
-    be a pair loss, listing those that can."""
+# The cascade's pair loss with KD: Σ_k [CE(s_k) + KD(t_k → s_k)], γ = β = 1. Used where the
+# distill section asks for defaults (weight / ce_weight < 0) and the method is kd; any other
+# method then takes its own published defaults (AT β = 1000, …), not these.
+KD_PAIR_WEIGHTS = {"weight": 1.0, "ce_weight": 1.0}
+
+
+def pair_distill_config(distill_cfg):
+    """A copy of ``distill_cfg`` with KD_PAIR_WEIGHTS filled in for kd's defaults."""
+    cfg = ml_collections.ConfigDict(distill_cfg.to_dict())
+    if cfg.method == "kd":
+        for key, value in KD_PAIR_WEIGHTS.items():
+            if cfg[key] < 0:
+                cfg[key] = value
+    return cfg
+
+
+def method_from_config(distill_cfg, network_taps) -> tuple[distill.Method, float]:
+    """``config.distill``'s method and its CE weight γ (``pair_distill_config``), taps
+    checked against the pruned network's (teacher and student levels are the same network);
+    ValueError for a method that cannot be a pair loss, listing those that can."""
     if distill_cfg.method not in pair_methods():
         raise ValueError(f"distill.method {distill_cfg.method!r} cannot be the cascade's pair "
                          f"loss (it owns params/state or a step-dependent term); valid: "
                          f"{', '.join(pair_methods())}")
-    return distill.make_method(distill_cfg, student_taps=network_taps,
-                               teacher_taps=network_taps)
+    cfg = pair_distill_config(distill_cfg)
+    method = distill.make_method(cfg, student_taps=network_taps, teacher_taps=network_taps)
+    return method, distill.ce_weight(cfg, method)
 
 
 # --------------------------------------------------------------------------
@@ -285,7 +303,7 @@ def role(k: int, levels: int) -> str:
 def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
     """The ``cascade`` stage through loop.fit (resumable); evaluation = the student level."""
     config, cfg = ctx.config, ctx.config.cascade
-    method = method_from_config(config.distill, model.taps())
+    method, ce_weight = method_from_config(config.distill, model.taps())
     taps = tuple(dict.fromkeys(method.s_taps + method.t_taps))
     levels = cascade_lib.num_levels(cfg.num_tas)
     batch_size = cfg.optim.batch_size
@@ -299,8 +317,7 @@ def train_cascade(ctx, model, variables) -> tuple[CascadeState, dict, Schedule]:
     state = CascadeState.create(variables, models.mask_groups(model), levels, tx,
                                 jax.random.PRNGKey(config.seed + 1))
     step = make_cascade_step(model, tx, schedule, method_pair_loss(method),
-                             ce_weight=distill.ce_weight(config.distill, method),
-                             stop_gradient=cfg.teacher_stop_gradient,
+                             ce_weight=ce_weight, stop_gradient=cfg.teacher_stop_gradient,
                              input_shape=ctx.input_shape, normalize=cfg.normalize, taps=taps,
                              compute_dtype=config.train.compute_dtype, round_to=cfg.round_to)
     stage = loop.Stage(
@@ -386,8 +403,7 @@ def export_levels(ctx, model, state: CascadeState, schedule: Schedule) -> list[d
 def finetune_objective(config, model):
     """The fine-tuning objective: ``config.distill``'s method (the cascade's pair loss)
     from the cascade's teacher level, with its γ."""
-    method = method_from_config(config.distill, model.taps())
-    return distill.objective(method, distill.ce_weight(config.distill, method))
+    return distill.objective(*method_from_config(config.distill, model.taps()))
 
 
 def finetune_student(ctx, model, state: CascadeState, rows: list[dict]) -> dict:
