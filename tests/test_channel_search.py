@@ -38,8 +38,8 @@ def test_search_archive_is_a_non_dominated_front_and_reports_every_generation():
         report=reports.append)
     assert [r["generation"] for r in reports] == list(range(7))
     assert out["evaluations"] == 8 * 7 and out["evaluated"].shape == (56, 2)
-    # no survivor of any generation dominates an archived candidate, and every
-    # non-dominated survivor's objectives are in the archive
+    # no evaluated candidate dominates an archived one, and every non-dominated
+    # evaluated candidate's objectives are in the archive
     evaluated, archive = out["evaluated"], out["objectives"]
     assert not dominated_by(archive, evaluated).any()
     assert not dominated(archive).any()
@@ -52,3 +52,28 @@ def test_search_archive_is_a_non_dominated_front_and_reports_every_generation():
     hv = np.asarray(out["hypervolume"])
     assert (np.diff(hv) >= -1e-9).all() and hv[-1] > hv[0]
     assert out["population_eval"] == "vmap"
+
+
+def test_evaluated_is_every_candidate_the_search_evaluated_in_order():
+    """'evaluated' = the objectives of every call of the fitness, in call order (recorded
+    by a NumPy host callback): the initial population, then each generation's children —
+    not the survivors (elitism would repeat those and hide dominated children)."""
+    calls = []
+
+    def numpy_fitness(genomes, target):
+        kept = genomes.mean(axis=1)
+        dist = (genomes != target).mean(axis=1)
+        out = np.stack([kept, dist], axis=1).astype(np.float32)
+        calls.append(out)
+        return out
+
+    def recorded(genomes, target):
+        shape = jax.ShapeDtypeStruct((genomes.shape[0], 2), jnp.float32)
+        return jax.pure_callback(numpy_fitness, shape, genomes, target)
+
+    settings = channel_search.SearchSettings(population=8, generations=4,
+                                             init_keep_range=(0.3, 1.0))
+    out = channel_search.nsga2_search(jax.random.PRNGKey(1), {"vmap": recorded},
+                                      (jnp.asarray(TARGET),), GROUPS, settings)
+    assert len(calls) == 5
+    np.testing.assert_array_equal(out["evaluated"], np.concatenate(calls))

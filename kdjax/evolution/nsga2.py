@@ -370,7 +370,8 @@ def generation(key: jax.Array, genomes: jax.Array, objectives: jax.Array,
                crossover_fn: Callable = uniform_crossover,
                crossover_prob: float = 0.9,
                mutation_rate: Optional[float] = None,
-               archive: Optional[tuple] = None) -> tuple:
+               archive: Optional[tuple] = None,
+               with_children: bool = False) -> tuple:
     """One NSGA-II generation with a fixed population size ``P``.
 
     1. crowded binary tournaments pick ``2P`` parents -> pairs ``(a_n, b_n)``;
@@ -398,9 +399,12 @@ def generation(key: jax.Array, genomes: jax.Array, objectives: jax.Array,
       mutation_rate: per-bit flip probability; default ``1 / G``.
       archive: optional external archive ``(genomes, objectives, valid)`` (see
         :func:`archive_update`), updated with the children.
+      with_children: also return the children's objectives ``[P, M]`` (the
+        candidates this generation evaluated) as the last element.
     Returns:
-      ``(genomes [P, G], objectives [P, M])`` of the next generation, and the
-      updated archive as a third element when ``archive`` is given.
+      ``(genomes [P, G], objectives [P, M])`` of the next generation, then the
+      updated archive when ``archive`` is given, then the children's objectives
+      when ``with_children``.
     """
     children, child_objectives = offspring(
         key, genomes, objectives, evaluate_fn, eval_args=eval_args,
@@ -409,10 +413,12 @@ def generation(key: jax.Array, genomes: jax.Array, objectives: jax.Array,
     all_genomes = jnp.concatenate([genomes, children])
     all_objectives = jnp.concatenate([objectives, child_objectives])
     keep = survival(all_objectives, genomes.shape[0])
-    if archive is None:
-        return all_genomes[keep], all_objectives[keep]
-    return (all_genomes[keep], all_objectives[keep],
-            archive_update(*archive, children, child_objectives))
+    result = (all_genomes[keep], all_objectives[keep])
+    if archive is not None:
+        result += (archive_update(*archive, children, child_objectives),)
+    if with_children:
+        result += (child_objectives,)
+    return result
 
 
 # --------------------------------------------------------------------------

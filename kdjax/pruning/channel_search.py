@@ -61,8 +61,8 @@ def population_fitness(model, groups: Mapping[str, int], ratio_fn: Callable, sta
     return population.sharded(population.batched(one, strategy, chunk), mesh)
 
 
-_generation = jax.jit(nsga2.generation,
-                      static_argnames=("evaluate_fn", "num_groups", "crossover_fn"))
+_generation = jax.jit(nsga2.generation, static_argnames=(
+    "evaluate_fn", "num_groups", "crossover_fn", "with_children"))
 
 
 def archived(archive) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +88,8 @@ def nsga2_search(key: jax.Array, evaluators: Mapping[str, Callable], eval_args: 
     Returns {'genomes' [A, G], 'objectives' [A, 2] (the archive: the non-dominated
     candidates of the whole search), 'population' [P, 2] (final population objectives),
     'hypervolume' [generations + 1] (of the archive: never decreasing), 'reference' [2],
-    'evaluated' [(1 + generations)·P, 2], 'evaluations', 'seconds' (generations only),
+    'evaluated' [(1 + generations)·P, 2] (the initial population, then each generation's
+    children: every candidate evaluated, in order), 'evaluations', 'seconds' (generations only),
     'population_eval' (the strategy used)}. The hypervolume reference is fixed from the
     initial population (split.reference_point: (1.05, 1.1 · max initial loss)).
     """
@@ -124,16 +125,16 @@ def nsga2_search(key: jax.Array, evaluators: Mapping[str, Callable], eval_args: 
     for gen in range(1, settings.generations + 1):
         key, k_gen = jax.random.split(key)
         t0 = time.perf_counter()
-        genomes, objectives, archive = _generation(
+        genomes, objectives, archive, children = _generation(
             k_gen, genomes, objectives, evaluate, eval_args=eval_args,
             group_index=group_index, num_groups=len(groups),
             crossover_fn=CROSSOVERS[settings.crossover],
             crossover_prob=float(settings.crossover_prob), mutation_rate=rate,
-            archive=archive)
+            archive=archive, with_children=True)
         objectives.block_until_ready()
         elapsed = time.perf_counter() - t0
         seconds += elapsed
-        evaluated.append(np.asarray(objectives))
+        evaluated.append(np.asarray(children))
         history.append(float(nsga2.hypervolume_2d(archived(archive)[1], reference)))
         report({"generation": gen, "hypervolume": history[-1],
                 "objectives": archived(archive)[1], "seconds": elapsed,
