@@ -84,8 +84,9 @@ def parse_args(argv):
                              "(kdjax.models.conv_grad)")
     parser.add_argument("--eval-batchnorm", choices=("keep", "identity"), default="keep",
                         help="lever bound: 'identity' replaces every BatchNorm of the "
-                             "inference row by the identity (NOT the same function) — the "
-                             "most that folding BN into the convolutions could save in eval")
+                             "inference row by the identity (NOT the same function; with "
+                             "--compare-torch on both sides) — the most that folding BN "
+                             "into the convolutions could save in eval")
     parser.add_argument("--xla-flags", default="",
                         help="lever: extra XLA flags (e.g. XLA:CPU ones) appended to "
                              "XLA_FLAGS before JAX starts")

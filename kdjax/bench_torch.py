@@ -13,6 +13,7 @@ biases an alternated comparison.
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import types
@@ -39,6 +40,17 @@ def check_twin(name: str, net, classes: int, shape) -> None:
     theirs = sum(p.numel() for p in net.parameters())
     if ours != theirs:
         raise AssertionError(f"PyTorch twin of {name} has {theirs} parameters, kdjax {ours}")
+
+
+def without_batchnorm(net):
+    """A copy of ``net`` whose every ``BatchNorm2d`` is the identity: the PyTorch side of
+    the bench's ``--eval-batchnorm identity`` bound, so both sides drop the same work."""
+    net = copy.deepcopy(net)
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(parent, name, torch.nn.Identity())
+    return net
 
 
 def workloads(teacher_name: str, student_name: str, args) -> list[dict]:
@@ -70,9 +82,12 @@ def workloads(teacher_name: str, student_name: str, args) -> list[dict]:
 
         return {"step": name, "run": run, "flops": 0}
 
+    inference_net = (without_batchnorm(teacher)
+                     if args.eval_batchnorm == "identity" else teacher)
+
     def infer():
         with torch.no_grad():
-            teacher(images)
+            inference_net(images)
 
     return [train_row(f"{student_name} CE train step", None),
             train_row(f"KD {teacher_name} -> {student_name}", teacher),
@@ -106,7 +121,8 @@ class TorchWorker:
 
     def build(self, teacher: str, student: str, args) -> list[str]:
         self._conn.send(("build", teacher, student, {
-            "batch": args.batch, "image": tuple(args.image), "classes": args.classes}))
+            "batch": args.batch, "image": tuple(args.image), "classes": args.classes,
+            "eval_batchnorm": args.eval_batchnorm}))
         return self._conn.recv()
 
     def seconds(self, index: int, warmup: int, repeats: int) -> float:

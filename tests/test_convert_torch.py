@@ -95,3 +95,28 @@ def test_bench_compare_torch_alternates_and_prints_ratios(capsys):
         assert len(theirs) == len(ours) == 2  # two rounds each
         expected = np.median([float(v) for v in ours]) / np.median([float(v) for v in theirs])
         assert float(ratio.rstrip("x")) == pytest.approx(expected, rel=0.02)
+
+
+def test_batchnorm_identity_bound_drops_the_same_work_on_both_sides(tmp_path):
+    """The bench's --eval-batchnorm identity: PyTorch's twin without its BatchNorms and
+    kdjax's converted model with BatchNorm intercepted give the same logits (and both
+    differ from the models with BN)."""
+    from kdjax import bench, bench_torch
+
+    torch.manual_seed(0)
+    net = torch_zoo.randomize_batch_norm(torch_zoo.get_model("resnet8", 10), seed=1)
+    path = tmp_path / "twin.pth"
+    torch.save(net.state_dict(), path)
+    out = tmp_path / "converted"
+    assert convert_torch.main(["--model=resnet8", "--num_classes=10", f"--state_dict={path}",
+                               f"--out={out}"]) == 0
+    _, variables = ckpt_lib.load_variables(out)
+    model = models.get_model("resnet8", 10)
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    with bench.batchnorm_as_identity(True):
+        ours, _ = model.apply(variables, images, train=False)
+    stripped = bench_torch.without_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in stripped.modules())
+    np.testing.assert_allclose(np.asarray(ours), torch_logits(stripped, images),
+                               atol=1e-4, rtol=1e-4)
+    assert not np.allclose(np.asarray(ours), torch_logits(net, images), atol=1e-2)
