@@ -317,7 +317,9 @@ def execute(run: Run) -> dict:
         if changes:
             listed = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in changes.items())
             raise ValueError(f"the finished run in {run.dir} was made with another config "
-                             f"({listed}); move that directory away to rerun it")
+                             f"({listed}); if only a path differs, the study directory was "
+                             f"moved or renamed: use its old path; otherwise move that run "
+                             f"directory away to rerun it")
         return stored
     run.dir.mkdir(parents=True, exist_ok=True)
     log.info("[study] running %s in %s", run.label, run.dir)
@@ -602,7 +604,7 @@ def write_report(study, teacher: Run, runs: list[Run], table: dict, failures: li
 
 def study(config, workdir) -> str:
     """Resolve, run and report a study; returns study.md's text."""
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).resolve()  # one spelling: runs store teacher paths
     teacher, runs = build_runs(config, workdir)
     share_identical(runs)
     for run in runs:

@@ -300,6 +300,16 @@ def test_a_finished_run_with_another_config_is_not_reused(tmp_path, monkeypatch)
     assert len(started) == 5  # nothing was run again
 
 
+def test_a_relative_and_an_absolute_workdir_are_the_same_study(tmp_path, monkeypatch):
+    """Runs store the teacher's path: resuming ``study`` as ``$PWD/study`` reuses them."""
+    started = []
+    fake_pipelines(monkeypatch, started)
+    monkeypatch.chdir(tmp_path)
+    study.study(lr_study(), "study")
+    text = study.study(lr_study(), tmp_path / "study")
+    assert "Failed runs" not in text and len(started) == 5
+
+
 def two_comparison_study(only):
     """lr_study with a second comparison "other" (a copy with another budget)."""
     config = lr_study()
