@@ -183,7 +183,10 @@ def emo_pms():
 # demo; the one-shot baselines get the same epochs of KD fine-tuning.
 CASCADE_EPOCHS = 4
 CASCADE_BUDGET = tuple(epochs_at_protocol_batch("cascade.optim", CASCADE_EPOCHS)
-                       + [("cascade.prune_every_epochs", CASCADE_EPOCHS / 10)])
+                       + [("cascade.prune_every_epochs", CASCADE_EPOCHS / 10),
+                          # the cascade's KD weights (γ = β = 1), written out as the runs
+                          # of stop 10 stored them (the preset's −1 means the same for kd)
+                          ("distill.weight", 1.0), ("distill.ce_weight", 1.0)])
 
 
 def cascaded():
