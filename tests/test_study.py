@@ -423,6 +423,38 @@ def test_parallel_worker_death_fails_its_cell_and_preemption_stops(tmp_path, mon
         study.study(shared_lr_study(0), tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:os.fork")  # the children never call JAX
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # fork+logging
+def test_sigterm_to_the_study_reaches_its_running_children(tmp_path, monkeypatch):
+    """A child signals its parent (as a scheduler would) and then sleeps: the parent
+    passes SIGTERM on (the sleeping child dies at once), starts nothing new and raises
+    Preempted — without waiting for the sleep."""
+    import signal
+    import time
+
+    from kdjax import main as kdjax_main
+    from kdjax.train.loop import Preempted
+
+    def fake(config, workdir):
+        (pathlib.Path(workdir) / "started").write_text("")
+        if workdir.endswith("cmp/student/seed0"):
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(60)
+        return {"kd": {"test_top1_last": 80.0, "test_top1_best_epoch": 80.0},
+                "model": {"test_top1_last": 90.0, "test_top1_best_epoch": 90.0}}
+
+    for name in ("supervised", "kd"):
+        monkeypatch.setitem(kdjax_main.PIPELINES, name, fake)
+    monkeypatch.setattr(study, "run_all", functools.partial(study.run_all,
+                                                            start_method="fork"))
+    start = time.monotonic()
+    with pytest.raises(Preempted):
+        study.study(shared_lr_study(2), tmp_path)
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "cmp/student/seed1/started").exists()  # nothing new started
+    assert not (tmp_path / "cmp/student/seed0" / study.RESULT_FILE).exists()
+
+
 @pytest.mark.slow
 def test_parallel_workers_with_real_pipelines(tmp_path):
     """workers=2 with spawned children running the real pipelines (1-step runs)."""
