@@ -23,7 +23,7 @@ measured fp32 matmul peak stays the reference.
     python -m kdjax.bench --pruned-latency resnet56 # latency vs MACs, rounded widths or not
     python -m kdjax.bench --population-eval         # EMO-PMS loop / vmap / map, 1 vs 2 devices
     python -m kdjax.bench --conv-kernel-grad matmul --xla-flags="..."   # train-step levers
-    python -m kdjax.bench --compare-torch --eval-batchnorm identity     # bound of BN folding
+    python -m kdjax.bench --compare-torch --bn-folding-bound   # + inference without BN (bound)
 
 A distillation row is the main-stage step of ``kdjax.distill`` method M with its default
 settings (CRD: memory banks of ``--bank-size`` rows, 16384 negatives); for AB and FSP,
@@ -82,11 +82,11 @@ def parse_args(argv):
     parser.add_argument("--conv-kernel-grad", choices=("xla", "matmul"), default="xla",
                         help="lever: kernel gradient of the zoo's convolutions "
                              "(kdjax.models.conv_grad)")
-    parser.add_argument("--eval-batchnorm", choices=("keep", "identity"), default="keep",
-                        help="lever bound: 'identity' replaces every BatchNorm of the "
-                             "inference row by the identity (NOT the same function; with "
-                             "--compare-torch on both sides) — the most that folding BN "
-                             "into the convolutions could save in eval")
+    parser.add_argument("--bn-folding-bound", action="store_true",
+                        help="lever bound: one more row per pair, the teacher's inference "
+                             "with every BatchNorm replaced by the identity (NOT the same "
+                             "function; with --compare-torch on both sides) — the most "
+                             "that folding BN into the convolutions could save in eval")
     parser.add_argument("--xla-flags", default="",
                         help="lever: extra XLA flags (e.g. XLA:CPU ones) appended to "
                              "XLA_FLAGS before JAX starts")
@@ -193,17 +193,27 @@ def jax_workloads(teacher_name, student_name, args, mesh, methods=()) -> list[di
         objective = distill.objective(method, method.default_ce_weight)
         return train_row(name, objective, teacher, 6 * macs_s + 2 * macs_t)
 
-    def forward(v, x):
-        with batchnorm_as_identity(args.eval_batchnorm == "identity"):
-            return precision.apply(teacher, v, x, jnp.dtype(args.dtype), train=False)[0]
+    def inference_row(name, without_batchnorm):
+        def forward(v, x):
+            with batchnorm_as_identity(without_batchnorm):
+                return precision.apply(teacher, v, x, jnp.dtype(args.dtype), train=False)[0]
 
-    infer = jax.jit(forward)
+        infer = jax.jit(forward)
+        return {"step": name, "flops": 2 * macs_t,
+                "run": lambda: jax.block_until_ready(infer(teacher_vars, batch["image"]))}
+
+    bound = ([inference_row(BN_BOUND_ROW.format(teacher_name), True)]
+             if args.bn_folding_bound else [])
     return [
         train_row(f"{student_name} CE train step", common.supervised_objective, None, 6 * macs_s),
         distill_row(f"KD {teacher_name} -> {student_name}", "kd"),
-        {"step": f"{teacher_name} inference", "flops": 2 * macs_t,
-         "run": lambda: jax.block_until_ready(infer(teacher_vars, batch["image"]))},
-    ] + [distill_row(f"distill {m} {teacher_name} -> {student_name}", m) for m in methods]
+        inference_row(f"{teacher_name} inference", False),
+    ] + bound + [distill_row(f"distill {m} {teacher_name} -> {student_name}", m)
+                 for m in methods]
+
+
+# The --bn-folding-bound row (the same name on the PyTorch side).
+BN_BOUND_ROW = "{} inference, BatchNorm dropped (bound)"
 
 
 def batchnorm_as_identity(enabled: bool):
@@ -359,8 +369,7 @@ def benchmark(args) -> int:
           f"{mesh.size} {jax.devices()[0].platform} device(s), jax {jax.__version__}, "
           f"median of {args.repeats} after {args.warmup} warm-up; fp32 matmul peak of this "
           f"device setting {peak:.0f} GFLOP/s; {cpu_model()}; conv kernel grad "
-          f"{args.conv_kernel_grad}; eval BatchNorm {args.eval_batchnorm}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{args.conv_kernel_grad}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if args.compare_torch:
         compare_torch(pairs, args, mesh, peak)
         return 0

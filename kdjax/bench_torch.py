@@ -44,7 +44,7 @@ def check_twin(name: str, net, classes: int, shape) -> None:
 
 def without_batchnorm(net):
     """A copy of ``net`` whose every ``BatchNorm2d`` is the identity: the PyTorch side of
-    the bench's ``--eval-batchnorm identity`` bound, so both sides drop the same work."""
+    the bench's ``--bn-folding-bound`` row, so both sides drop the same work."""
     net = copy.deepcopy(net)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
@@ -82,16 +82,20 @@ def workloads(teacher_name: str, student_name: str, args) -> list[dict]:
 
         return {"step": name, "run": run, "flops": 0}
 
-    inference_net = (without_batchnorm(teacher)
-                     if args.eval_batchnorm == "identity" else teacher)
+    def inference_row(name, net):
+        def infer():
+            with torch.no_grad():
+                net(images)
 
-    def infer():
-        with torch.no_grad():
-            inference_net(images)
+        return {"step": name, "run": infer, "flops": 0}
 
+    from kdjax.bench import BN_BOUND_ROW
+
+    bound = ([inference_row(BN_BOUND_ROW.format(teacher_name), without_batchnorm(teacher))]
+             if args.bn_folding_bound else [])
     return [train_row(f"{student_name} CE train step", None),
             train_row(f"KD {teacher_name} -> {student_name}", teacher),
-            {"step": f"{teacher_name} inference", "run": infer, "flops": 0}]
+            inference_row(f"{teacher_name} inference", teacher)] + bound
 
 
 def _serve(conn) -> None:
@@ -122,7 +126,7 @@ class TorchWorker:
     def build(self, teacher: str, student: str, args) -> list[str]:
         self._conn.send(("build", teacher, student, {
             "batch": args.batch, "image": tuple(args.image), "classes": args.classes,
-            "eval_batchnorm": args.eval_batchnorm}))
+            "bn_folding_bound": args.bn_folding_bound}))
         return self._conn.recv()
 
     def seconds(self, index: int, warmup: int, repeats: int) -> float:

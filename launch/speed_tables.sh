@@ -27,8 +27,9 @@ bench() { "$PYTHON" -m kdjax.bench --warmup 2 --repeats "$REPEATS" "$@"; }
 {
   echo "## Speed side by side (issue 17): $(date -u +%F), $(lscpu | grep 'Model name' | sed 's/  */ /g')"
   echo
-  echo "### Train-step rows vs PyTorch eager (2 rounds, A B A B)"
-  bench --compare-torch --rounds 2 || echo "(compare-torch failed: is the torch extra installed?)"
+  echo "### Train-step rows vs PyTorch eager (2 rounds, A B A B; + the BN-folding bound row)"
+  bench --compare-torch --rounds 2 --bn-folding-bound \
+    || echo "(compare-torch failed: is the torch extra installed?)"
   echo
   echo "### Lever: matmul kernel gradient (--conv-kernel-grad matmul)"
   bench --conv-kernel-grad matmul || echo "(lever run failed)"
@@ -41,9 +42,6 @@ bench() { "$PYTHON" -m kdjax.bench --warmup 2 --repeats "$REPEATS" "$@"; }
   echo
   echo "### Lever: batch 128 on both sides"
   bench --compare-torch --rounds 2 --batch 128 || echo "(lever run failed)"
-  echo
-  echo "### Lever bound: BatchNorm folded away in eval (inference rows; BN replaced by identity)"
-  bench --compare-torch --rounds 2 --eval-batchnorm identity || echo "(lever run failed)"
   echo
   echo "### Pruned resnet56: eval latency vs MACs (batch 64)"
   bench --pruned-latency resnet56 --png "$OUT/pruned_latency.png"

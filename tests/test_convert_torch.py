@@ -83,12 +83,14 @@ def test_bench_compare_torch_alternates_and_prints_ratios(capsys):
 
     assert bench.main(["--pairs", "resnet8:resnet8", "--compare-torch", "--rounds", "2",
                        "--repeats", "1", "--warmup", "1", "--batch", "16", "--classes", "10",
-                       "--image", "16", "16", "3", "--peak-size", "256"]) == 0
+                       "--image", "16", "16", "3", "--peak-size", "256",
+                       "--bn-folding-bound"]) == 0
     out = capsys.readouterr().out
     assert "matmul peak" in out
     rows = [line for line in out.splitlines() if line.startswith("| resnet8") or
             line.startswith("| KD")]
-    assert len(rows) == 3, out
+    assert len(rows) == 4, out
+    assert rows[3].startswith("| resnet8 inference, BatchNorm dropped (bound) |")
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         theirs, ours, ratio = cells[1].split(" / "), cells[2].split(" / "), cells[3]
@@ -98,7 +100,7 @@ def test_bench_compare_torch_alternates_and_prints_ratios(capsys):
 
 
 def test_batchnorm_identity_bound_drops_the_same_work_on_both_sides(tmp_path):
-    """The bench's --eval-batchnorm identity: PyTorch's twin without its BatchNorms and
+    """The bench's --bn-folding-bound row: PyTorch's twin without its BatchNorms and
     kdjax's converted model with BatchNorm intercepted give the same logits (and both
     differ from the models with BN)."""
     from kdjax import bench, bench_torch
