@@ -277,6 +277,7 @@ def test_population_eval_bench_rows(capsys):
     assert capsys.readouterr().out.count("\n|") == 7
 
 
+@pytest.mark.slow  # the default run has the stronger cross-framework check (test_convert_torch)
 def test_batchnorm_as_identity_bound_drops_every_batchnorm():
     """The BN-folding bound's forward equals the ordinary forward of the same network
     whose BatchNorms were made identities through their variables (mean 0, var 1 − eps,
