@@ -186,7 +186,8 @@ CASCADE_BUDGET = tuple(epochs_at_protocol_batch("cascade.optim", CASCADE_EPOCHS)
                        + [("cascade.prune_every_epochs", CASCADE_EPOCHS / 10),
                           # the cascade's KD weights (γ = β = 1), written out as the runs
                           # of stop 10 stored them (the preset's −1 means the same for kd)
-                          ("distill.weight", 1.0), ("distill.ce_weight", 1.0)])
+                          ("distill.weight", 1.0), ("distill.ce_weight", 1.0),
+                          ("teacher.name", "resnet20")])   # the study's shared teacher
 
 
 def cascaded():
