@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17's speed tables, in one go on the machine at hand (run it on a quiet machine:
-# only ratios measured in one run mean anything). About 16 minutes on a 2-core CPU.
+# only ratios measured in one run mean anything). About 35 minutes on a 2-core CPU.
 #
 #   bash launch/speed_tables.sh [OUT_DIR]        # default OUT_DIR: speed_tables/
 #
