@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from kdjax.pruning import channel_search
 
@@ -54,6 +55,7 @@ def test_search_archive_is_a_non_dominated_front_and_reports_every_generation():
     assert out["population_eval"] == "vmap"
 
 
+@pytest.mark.slow  # ≈ 14 s of compilation; the default run keeps the archive test
 def test_evaluated_is_every_candidate_the_search_evaluated_in_order():
     """'evaluated' = the objectives of every call of the fitness, in call order (recorded
     by a NumPy host callback): the initial population, then each generation's children —

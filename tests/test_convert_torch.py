@@ -99,6 +99,7 @@ def test_bench_compare_torch_alternates_and_prints_ratios(capsys):
         assert float(ratio.rstrip("x")) == pytest.approx(expected, rel=0.02)
 
 
+@pytest.mark.slow  # ≈ 25 s; the default run keeps the bound row's wiring (compare test)
 def test_batchnorm_identity_bound_drops_the_same_work_on_both_sides(tmp_path):
     """The bench's --bn-folding-bound row: PyTorch's twin without its BatchNorms and
     kdjax's converted model with BatchNorm intercepted give the same logits (and both
