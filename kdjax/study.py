@@ -323,7 +323,8 @@ def execute(run: Run) -> dict:
         return stored
     run.dir.mkdir(parents=True, exist_ok=True)
     log.info("[study] running %s in %s", run.label, run.dir)
-    results = kdjax_main.PIPELINES[run.config.pipeline](run.config, str(run.dir))
+    with ckpt_lib.WorkdirLock(run.dir):  # two studies on one workdir: never one run twice
+        results = kdjax_main.PIPELINES[run.config.pipeline](run.config, str(run.dir))
     results = json.loads(json.dumps(results, default=str))
     files.save_json(done, {"results": results, "config": config})
     return {"results": results}
@@ -398,9 +399,9 @@ def run_all(teacher: Run, runs: list[Run], on_result=None, workers: int = 1,
 
 def run_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that fail one cell and let the study go on."""
-    from kdjax.train.checkpoint import CheckpointError
+    from kdjax.train.checkpoint import CheckpointError, WorkdirBusyError
 
-    return CheckpointError, FloatingPointError, KeyError, ValueError
+    return CheckpointError, WorkdirBusyError, FloatingPointError, KeyError, ValueError
 
 
 def cells_in_sequence(runs: list[Run]):
@@ -410,6 +411,9 @@ def cells_in_sequence(runs: list[Run]):
             yield run, execute_here(run), None
         except run_errors() as err:
             yield run, None, str(err)
+
+
+PREEMPTED = "<preempted>"   # a child's error slot when its run stopped on SIGTERM
 
 
 def _cell_process(run: Run, results) -> None:
@@ -425,9 +429,6 @@ def _cell_process(run: Run, results) -> None:
         results.put((str(run.dir), None, str(err)))
     except Preempted:
         results.put((str(run.dir), None, PREEMPTED))
-
-
-PREEMPTED = "<preempted>"
 
 
 def cells_in_parallel(runs: list[Run], workers: int, start_method: str = "spawn"):

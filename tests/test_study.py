@@ -466,3 +466,27 @@ def test_parallel_workers_with_real_pipelines(tmp_path):
             stored = json.loads((tmp_path / f"cmp/{v}/seed{s}/study_result.json").read_text())
             assert stored["results"]["kd"]["steps"] == 1
     assert "| kd | 2 |" in text and "Failed runs" not in text
+
+
+def test_a_run_held_by_another_process_fails_its_cell_only(tmp_path, monkeypatch):
+    """Two studies on one workdir: a cell whose directory another process holds (its
+    workdir lock) is not run twice — it fails with the lock's message, the rest goes on."""
+    import subprocess
+    import sys
+    import time
+
+    started = []
+    fake_pipelines(monkeypatch, started)
+    held = tmp_path / "cmp/kd/seed0"
+    held.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from kdjax.train.checkpoint import WorkdirLock\n"
+        f"with WorkdirLock({str(held)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        text = study.study(lr_study(), tmp_path)
+    finally:
+        holder.kill()
+    assert str(held) not in started and len(started) == 4
+    assert "cmp/kd/seed0: workdir" in text and "in use by another kdjax run" in text
