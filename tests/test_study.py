@@ -193,6 +193,16 @@ def test_every_shipped_preset_resolves(tmp_path):
         for run in (r for r in ran if r.comparison == "cross_layer"):
             assert run.config.teachers == (shared, "resnet14@1")
             assert run.config.optim.epochs == study_config.STUDENT_EPOCHS
+        if preset == "":
+            # the equal-MACs PDD comparison reuses PDD's runs and moves only the baselines
+            study.share_identical(ran)
+            cell = {(r.comparison, r.variant, r.seed): r for r in ran}
+            for seed in (0, 1, 2):
+                assert cell["pdd_equal_macs", "pdd", seed].dir == cell["pdd", "pdd", seed].dir
+                for method in ("l1", "taylor"):
+                    moved = cell["pdd_equal_macs", method, seed]
+                    assert moved.dir != cell["pdd", method, seed].dir
+                    assert moved.config.target_flops_ratio == study_config.PDD_PROTOCOL_RATIO
 
 
 # ---------------------------------------------------------------------------------------
