@@ -187,6 +187,20 @@ def pdd_equal_macs():
          pdd_saliency("taylor", PDD_PROTOCOL_RATIO)])
 
 
+# Investigation (stop 11), after PDD lost to both baselines at equal budget: PDD's
+# fine-tuning is CE only (as in the paper), the baselines' too; does distilling in the
+# fine-tuning half too recover the loss? The same PDD runs as above are the baseline.
+def pdd_ablations():
+    return comparison(
+        "pdd_ablations", "pruning", "pdd",
+        "PDD against PDD with its fine-tuning stage distilled too (pdd.finetune_kd): the "
+        "masks learned the same way, stage 2 with the KD loss instead of CE.",
+        [pdd_variant(),
+         variant("finetune_kd", PDD, PDD_BUDGET + [("pdd.finetune_kd", True),
+                                                   ("pdd.kd_baseline", False)],
+                 stage="stages.finetune", macs="pruned_cost.macs")])
+
+
 def emo_pms():
     return comparison(
         "emo_pms", "pruning", "l1",
@@ -269,7 +283,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.description = ("Every pipeline and method under the evidence protocol "
                               "(BUILD_NOTES \"Evidence protocol\").")
         config.comparisons = (distillation(), dynamic_kd_variants(), loss_zoo(), pdd(),
-                              pdd_equal_macs(), emo_pms(), cascaded(), cross_layer())
+                              pdd_equal_macs(), pdd_ablations(),
+                              emo_pms(), cascaded(), cross_layer())
     elif arg == "quick":
         config.description = ("The protocol's own check: vanilla KD against the student "
                               "alone (BUILD_NOTES \"Evidence protocol\").")
