@@ -483,7 +483,6 @@ def test_a_run_held_by_another_process_fails_its_cell_only(tmp_path, monkeypatch
     workdir lock) is not run twice — it fails with the lock's message, the rest goes on."""
     import subprocess
     import sys
-    import time
 
     started = []
     fake_pipelines(monkeypatch, started)
