@@ -144,16 +144,17 @@ PDD_BUDGET = (epochs_at_protocol_batch("pdd.stage1", PRUNE_HALF_EPOCHS)
 EMO_FINETUNE = epochs_at_protocol_batch("emo.finetune", PRUNE_HALF_EPOCHS)
 
 
-def pdd_saliency(method, ratio, name=None):
+def pdd_saliency(method, ratio):
     """resnet14 trained with CE, pruned by ``method`` to ``ratio`` of its MACs, fine-tuned."""
-    return variant(name or method, EMO, [("emo.method", method), ("teacher.name", "resnet14"),
-                                         ("target_flops_ratio", ratio)]
+    return variant(method, EMO, [("emo.method", method), ("teacher.name", "resnet14"),
+                                    ("target_flops_ratio", ratio)]
                    + epochs_at_protocol_batch("teacher.optim", PRUNE_HALF_EPOCHS)
                    + EMO_FINETUNE,
                    stage="finetune", macs="pruned.macs", shared_teacher=False)
 
 
 def pdd_variant():
+    """PDD's pruned resnet14 (the same run in every PDD comparison)."""
     return variant("pdd", PDD, PDD_BUDGET, stage="stages.finetune", macs="pruned_cost.macs")
 
 

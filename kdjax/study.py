@@ -301,26 +301,38 @@ def lookup(results: dict, dotted: str):
     return node
 
 
+def finished_result(run: Run) -> dict | None:
+    """The stored ``study_result.json`` of a finished cell, None when it has not finished;
+    ValueError when it was made with another config than the cell's."""
+    from kdjax.train import checkpoint as ckpt_lib
+
+    done = run.dir / RESULT_FILE
+    if not done.exists():
+        return None
+    config = run.config.to_dict()
+    stored = json.loads(done.read_text())
+    changes = ckpt_lib.config_changes(stored.get("config", config), config)
+    if changes:
+        listed = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in changes.items())
+        raise ValueError(f"the finished run in {run.dir} was made with another config "
+                         f"({listed}); if only a path differs, the study directory was "
+                         f"moved or renamed: use its old path; otherwise move that run "
+                         f"directory away to rerun it")
+    return stored
+
+
 def execute(run: Run) -> dict:
     """Run one cell's pipeline in this process (the ``python -m kdjax.main`` code path) and
     store what the study needs in ``study_result.json``; a finished run is not rerun."""
     from kdjax import main as kdjax_main
+    from kdjax.train import checkpoint as ckpt_lib
     from kdjax.train import files
 
-    from kdjax.train import checkpoint as ckpt_lib
-
+    stored = finished_result(run)
+    if stored is not None:
+        return stored
     done = run.dir / RESULT_FILE
     config = run.config.to_dict()
-    if done.exists():
-        stored = json.loads(done.read_text())
-        changes = ckpt_lib.config_changes(stored.get("config", config), config)
-        if changes:
-            listed = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in changes.items())
-            raise ValueError(f"the finished run in {run.dir} was made with another config "
-                             f"({listed}); if only a path differs, the study directory was "
-                             f"moved or renamed: use its old path; otherwise move that run "
-                             f"directory away to rerun it")
-        return stored
     run.dir.mkdir(parents=True, exist_ok=True)
     log.info("[study] running %s in %s", run.label, run.dir)
     with ckpt_lib.WorkdirLock(run.dir):  # two studies on one workdir: never one run twice
@@ -574,9 +586,30 @@ def plot_comparison(comp, rows: list[dict], path: pathlib.Path) -> bool:
     return True
 
 
+def with_runs_finished_meanwhile(table: dict, runs: list[Run]) -> dict:
+    """``table`` plus every cell it lacks whose result is on disk now: cells that another
+    study process on the same workdir finished after this one listed its work. A stored
+    result made with another config, or without the asked-for numbers, is left out (this
+    process reports such a cell as failed only when it trains it itself)."""
+    merged = {key: dict(seeds) for key, seeds in table.items()}
+    for run in runs:
+        if run.skipped or run.seed in merged.get((run.comparison, run.variant), {}):
+            continue
+        try:
+            stored = finished_result(run)
+            if stored is not None:
+                merged.setdefault((run.comparison, run.variant), {})[run.seed] = extract(
+                    run, stored)
+        except (KeyError, ValueError):
+            continue
+    return merged
+
+
 def write_report(study, teacher: Run, runs: list[Run], table: dict, failures: list[str],
                  workdir: pathlib.Path, plots: bool = True) -> str:
-    """Write ``workdir/study.md`` (and the PNGs); returns the markdown."""
+    """Write ``workdir/study.md`` (and the PNGs) from ``table`` and every other cell found
+    finished on disk (``with_runs_finished_meanwhile``); returns the markdown."""
+    table = with_runs_finished_meanwhile(table, runs)
     teacher_file = teacher.dir / RESULT_FILE
     teacher_line = "teacher: not trained yet"
     if teacher_file.exists():

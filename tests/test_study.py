@@ -203,6 +203,11 @@ def test_every_shipped_preset_resolves(tmp_path):
                     moved = cell["pdd_equal_macs", method, seed]
                     assert moved.dir != cell["pdd", method, seed].dir
                     assert moved.config.target_flops_ratio == study_config.PDD_PROTOCOL_RATIO
+                # the ablation: PDD's own run as baseline, one switch flipped in the other
+                ablation = cell["pdd_ablations", "finetune_kd", seed].config
+                assert cell["pdd_ablations", "pdd", seed].dir == cell["pdd", "pdd", seed].dir
+                assert ablation.pdd.finetune_kd and not ablation.pdd.kd_baseline
+                assert not cell["pdd", "pdd", seed].config.pdd.finetune_kd
 
 
 # ---------------------------------------------------------------------------------------
@@ -499,3 +504,26 @@ def test_a_run_held_by_another_process_fails_its_cell_only(tmp_path, monkeypatch
         holder.kill()
     assert str(held) not in started and len(started) == 4
     assert "cmp/kd/seed0: workdir" in text and "in use by another kdjax run" in text
+
+
+def test_runs_another_study_finishes_meanwhile_are_reported(tmp_path, monkeypatch):
+    """Two studies on one workdir with different ``only``: the cells the other one finishes
+    while this one trains appear in this one's study.md, not as empty rows."""
+    started = []
+    fake_pipelines(monkeypatch, started)
+    _, other_study_cells = study.build_runs(two_comparison_study(("cmp",)), tmp_path)
+    other_study_cells = [r for r in other_study_cells if r.comparison == "cmp"]
+    execute = study.execute
+
+    def execute_while_the_other_study_finishes_cmp(run):
+        if run.comparison == "other":  # this study's work was listed before this point
+            while other_study_cells:
+                execute(other_study_cells.pop())
+        return execute(run)
+
+    monkeypatch.setattr(study, "execute", execute_while_the_other_study_finishes_cmp)
+    text = study.study(two_comparison_study(("other",)), tmp_path)
+    assert len(started) == 9  # teacher, 4 cells of "other", 4 of "cmp" by the other study
+    assert [line[:10] for line in text.splitlines() if line.startswith("| kd |")] == \
+        ["| kd | 2 |"] * 2
+    assert (tmp_path / "study.md").read_text() == text
